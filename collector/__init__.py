@@ -1,0 +1,1 @@
+"""HTTP side of Firehose: app factory, resources, validation, queue, spool and flusher."""

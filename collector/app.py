@@ -1,0 +1,51 @@
+"""The WSGI application: `create_app(settings)` wires routes; `get_app()` reads the environment.
+
+gunicorn loads `collector.app:get_app()` in each worker (gunicorn.conf.py), and its
+hooks start and stop the worker's pipeline (`app.pipeline`).
+"""
+
+import logging
+import sys
+
+import falcon
+
+from collector.errors import serialize_error
+from collector.pipeline import Pipeline
+from collector.resources import EventBatchResource, EventResource, HealthResource, ReadyResource
+from collector.settings import Settings, SettingsError
+from collector.validation import EventValidator
+
+logger = logging.getLogger(__name__)
+
+
+class CollectorApp(falcon.App):
+    """The falcon app, carrying the worker's pipeline for gunicorn's hooks."""
+
+    pipeline: Pipeline
+
+
+def create_app(settings: Settings, pipeline: Pipeline | None = None) -> CollectorApp:
+    """Wire the resources to their routes around a pipeline (built from settings if absent)."""
+    pipeline = pipeline or Pipeline(settings)
+    validator = EventValidator(settings.max_metadata_depth)
+    # No media handlers and no form parsing: bodies are read and parsed by us, with limits.
+    app = CollectorApp(media_type=falcon.MEDIA_JSON)
+    app.req_options.auto_parse_form_urlencoded = False
+    app.set_error_serializer(serialize_error)
+    app.add_route("/event", EventResource(pipeline, validator, settings.max_event_bytes))
+    app.add_route("/events", EventBatchResource(pipeline, validator, settings.max_batch_bytes,
+                                                settings.max_batch_events))
+    app.add_route("/health", HealthResource(pipeline))
+    app.add_route("/ready", ReadyResource(pipeline))
+    app.pipeline = pipeline
+    return app
+
+
+def get_app() -> CollectorApp:
+    """Build the app from the environment; exit with a clear message on a bad setting."""
+    try:
+        settings = Settings.from_environ()
+    except SettingsError as ex:
+        print(f"firehose: configuration error: {ex}", file=sys.stderr)
+        sys.exit(4)  # gunicorn's APP_LOAD_ERROR: the arbiter stops instead of respawning
+    return create_app(settings)

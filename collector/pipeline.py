@@ -1,0 +1,164 @@
+"""One worker's ingestion pipeline: spool, queue, flusher and writer, wired from settings.
+
+Built in `get_app()`, started after the fork by gunicorn's `post_worker_init` hook
+(never in the master, pitfall 7), drained by `worker_exit`.
+"""
+
+import functools
+import logging
+import os
+import time
+from typing import Callable
+
+import gevent
+
+from collector.flusher import Flusher, Watchdog
+from collector.metrics import WorkerStats
+from collector.queue import EventQueue
+from collector.settings import Settings
+from collector.spool import Spool
+from collector.validation import Event
+from storage import database
+from storage.backoff import Backoff
+from storage.writer import BatchWriter
+
+logger = logging.getLogger(__name__)
+
+ROUND_TRIP_MARGIN = 2.0  # seconds past statement_timeout before the client gives up
+STALL_MARGIN = 30.0  # seconds of no flusher progress, past its own deadlines, that mean stuck
+READY_HEADROOM = 65_536  # spool bytes that must stay free for the worker to be ready
+SHUTDOWN_POLL = 0.1  # seconds between looks at gunicorn's worker.alive
+SHUTDOWN_MARGIN = 2.0  # seconds kept free before gunicorn's SIGKILL
+
+
+class Pipeline:
+    """Accepts events into the spool and queue and moves them to PostgreSQL."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.stats = WorkerStats()
+        self.spool = Spool(settings.spool_dir, settings.spool_segment_bytes,
+                           settings.spool_max_bytes, settings.spool_fsync,
+                           settings.spool_fsync_interval)
+        self.queue = EventQueue(self.spool, settings.queue_capacity, settings.batch_size)
+        round_trip = max(settings.statement_timeout, settings.connect_timeout) + ROUND_TRIP_MARGIN
+        self.watchdog = Watchdog(round_trip, round_trip + settings.retry_max_delay + STALL_MARGIN)
+        connect = functools.partial(database.connect, settings.database_url,
+                                    settings.statement_timeout, settings.lock_timeout)
+        self.writer = BatchWriter(connect, bound=self.watchdog.operation)
+        self.flusher = Flusher(self.queue, self.writer, Backoff(settings.retry_max_delay),
+                               self.watchdog, self.stats, settings.spool_dir,
+                               str(self.spool.directory), settings.batch_size,
+                               settings.flush_interval)
+        self.started = False
+        self.shutdown_began: float | None = None
+
+    def start(self, worker_alive: Callable[[], bool] | None = None) -> None:
+        """Open the spool and start the flusher; call once, in the worker, after the fork.
+
+        `worker_alive` (gunicorn's `worker.alive`) lets the flusher learn of a graceful
+        stop at once: the gevent worker may spend most of graceful_timeout waiting for
+        keep-alive connections before worker_exit runs (pitfall 7), so draining
+        starts here, and worker_exit only waits for it.
+        """
+        # psycopg2 must wait cooperatively, or every query freezes the worker (pitfall 2).
+        import psycogreen.gevent
+        psycogreen.gevent.patch_psycopg()
+        self.spool.open()
+        self.flusher.start()
+        self.started = True
+        if worker_alive is not None:
+            gevent.spawn(self._watch_for_shutdown, worker_alive)
+        logger.info("pipeline started: spool %s, %r", self.spool.directory, self.settings)
+
+    def accept(self, events: list[Event]) -> None:
+        """Make events durable in the spool and queue them; raise SpoolFull when out of room."""
+        self.queue.put(events)
+        self.stats.accepted += len(events)
+
+    def stop(self, graceful_timeout: float) -> None:
+        """Flush what is queued until gunicorn's graceful timeout nears; the spool keeps the rest."""
+        if not self.started:
+            return
+        self._begin_shutdown()
+        deadline = self.shutdown_began + graceful_timeout - SHUTDOWN_MARGIN
+        pending = self.queue.pending
+        drained = self.flusher.drain(deadline)
+        removed = self.spool.close()
+        if drained and removed:
+            logger.info("drained %d events; spool removed", pending)
+        else:
+            logger.warning("stopped with %d events not flushed; they stay in spool %s "
+                           "for the next worker", self.queue.pending, self.spool.directory)
+
+    def _watch_for_shutdown(self, worker_alive: Callable[[], bool]) -> None:
+        while worker_alive():
+            gevent.sleep(SHUTDOWN_POLL)
+        self._begin_shutdown()
+
+    def _begin_shutdown(self) -> None:
+        if self.shutdown_began is None:
+            self.shutdown_began = time.monotonic()
+            self.flusher.hurry()
+
+    def health(self) -> dict:
+        """Describe this worker's state, for /health."""
+        now = time.time()
+        stats = self.stats
+        return {
+            "status": "ok",
+            "worker_pid": os.getpid(),
+            "queue_depth": self.queue.depth,
+            "queue_capacity": self.queue.capacity,
+            "pending": self.queue.pending,
+            "overflowing_to_spool": self.queue.overflowing,
+            "spool_bytes": self.spool.bytes,
+            "spool_max_bytes": self.spool.max_bytes,
+            "oldest_unflushed_age_s": round(self.queue.oldest_age(now), 3),
+            "accepted": stats.accepted,
+            "refused": stats.refused,
+            "flushed": stats.flushed,
+            "duplicates": stats.duplicates,
+            "dead_lettered": stats.dead_lettered,
+            "replayed": stats.replayed,
+            "retried": stats.retried,
+            "batches": stats.batches,
+            "last_flush_at": stats.last_flush_at,
+            "last_flush_error": stats.last_error,
+            "last_flush_error_kind": stats.last_error_kind,
+            "database": self._database_state(),
+            "outage_since": stats.outage_since,
+            "flusher_alive": self.flusher.alive,
+        }
+
+    def readiness(self) -> tuple[bool, dict]:
+        """Tell whether this worker can take work, and why not; the database is only reported."""
+        problems = []
+        if not self.started:
+            problems.append("worker is not running")
+        elif self.shutdown_began is not None:
+            problems.append("worker is stopping")
+        elif not self.flusher.alive:
+            problems.append("flusher is not running")
+        elif self.watchdog.stalled(time.monotonic()):
+            problems.append("flusher made no progress for "
+                            f"{self.watchdog.stall_after:g} s")
+        if self.spool.bytes + READY_HEADROOM > self.spool.max_bytes:
+            problems.append("spool is full")
+        body = {
+            "status": "ready" if not problems else "not ready",
+            "problems": problems,
+            "database": self._database_state(),
+            "last_flush_error_kind": self.stats.last_error_kind,
+            "queue_depth": self.queue.depth,
+            "spool_bytes": self.spool.bytes,
+        }
+        return not problems, body
+
+    def _database_state(self) -> str:
+        """Return up, down (unreachable or refusing), broken (a deployment error) or unknown."""
+        if self.stats.database_up is None:
+            return "unknown"
+        if self.stats.database_up:
+            return "up"
+        return "broken" if self.stats.last_error_kind == "systemic" else "down"

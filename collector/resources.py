@@ -1,0 +1,118 @@
+"""The HTTP resources: POST /event and /events take events; /health and /ready report."""
+
+import falcon
+import msgspec
+
+from collector.body import BATCH_TYPES, JSON_TYPES, read_body
+from collector.errors import CollectorError, error_body, rejected
+from collector.pipeline import Pipeline
+from collector.spool import SpoolFull
+from collector.validation import EventRejected, EventValidator
+
+RETRY_AFTER = 5  # seconds a client is told to wait when the buffer is full
+
+encode = msgspec.json.Encoder().encode
+
+
+def _buffer_full(ex: SpoolFull) -> CollectorError:
+    return CollectorError(falcon.HTTP_503, "Buffer full",
+                          f"the collector cannot take more events now ({ex}); retry later",
+                          limit="spool_max_bytes", headers={"Retry-After": str(RETRY_AFTER)})
+
+
+class EventResource:
+    """POST /event: one event, answered 202 once it is in the spool."""
+
+    def __init__(self, pipeline: Pipeline, validator: EventValidator, max_bytes: int) -> None:
+        self._pipeline = pipeline
+        self._validator = validator
+        self._max_bytes = max_bytes
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        body = read_body(req, self._max_bytes, "max_event_bytes", JSON_TYPES)
+        try:
+            event = self._validator.parse_event(body)
+        except EventRejected as ex:
+            self._pipeline.stats.refused += 1
+            raise rejected(ex) from None
+        try:
+            self._pipeline.accept([event])
+        except SpoolFull as ex:
+            raise _buffer_full(ex) from None
+        resp.status = falcon.HTTP_202
+        resp.content_type = falcon.MEDIA_JSON
+        resp.data = b'{"status":"accepted","event_id":"' + event.event_id.encode() + b'"}'
+
+
+class EventBatchResource:
+    """POST /events: many events, as a JSON array or NDJSON; each accepted or refused alone."""
+
+    def __init__(self, pipeline: Pipeline, validator: EventValidator, max_bytes: int,
+                 max_events: int) -> None:
+        self._pipeline = pipeline
+        self._validator = validator
+        self._max_bytes = max_bytes
+        self._max_events = max_events
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        body = read_body(req, self._max_bytes, "max_batch_bytes", BATCH_TYPES)
+        ndjson = (req.content_type or "").lower().startswith("application/x-ndjson")
+        try:
+            documents = self._validator.parse_documents(body, ndjson)
+        except EventRejected as ex:
+            raise rejected(ex) from None
+        if not documents:
+            raise CollectorError(falcon.HTTP_400, "Invalid body", "the batch holds no events")
+        if len(documents) > self._max_events:
+            raise CollectorError(falcon.HTTP_413, "Payload too large",
+                                 f"the batch holds {len(documents)} events; "
+                                 f"at most {self._max_events} are accepted",
+                                 limit="max_batch_events")
+        events, accepted, refused = [], [], []
+        for index, document in enumerate(documents):
+            try:
+                event = self._validator.parse_event(document)
+            except EventRejected as ex:
+                refused.append({"index": index, **error_body(
+                    "Invalid field" if ex.field else "Invalid event", ex.description,
+                    ex.field, ex.limit)})
+                continue
+            events.append(event)
+            accepted.append({"index": index, "event_id": event.event_id})
+        self._pipeline.stats.refused += len(refused)
+        if events:
+            try:
+                self._pipeline.accept(events)  # all of them or none
+            except SpoolFull as ex:
+                raise _buffer_full(ex) from None
+        resp.status = falcon.HTTP_202 if events else falcon.HTTP_400
+        resp.content_type = falcon.MEDIA_JSON
+        resp.data = encode({
+            "status": "accepted" if not refused else ("partial" if events else "refused"),
+            "accepted": accepted,
+            "refused": refused,
+        })
+
+
+class HealthResource:
+    """GET /health: the process is alive; this worker's counters."""
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self._pipeline = pipeline
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.content_type = falcon.MEDIA_JSON
+        resp.data = encode(self._pipeline.health())
+
+
+class ReadyResource:
+    """GET /ready: this worker can take events (flusher running, spool not full)."""
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self._pipeline = pipeline
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        ready, body = self._pipeline.readiness()
+        resp.status = falcon.HTTP_200 if ready else falcon.HTTP_503
+        resp.content_type = falcon.MEDIA_JSON
+        resp.data = encode(body)

@@ -1,0 +1,175 @@
+"""The collector's settings: one table of environment variables, parsed once at start.
+
+Each entry names its variable, its type, its default, what it is for and the rule it
+must follow. `Settings.from_environ()` checks every value and raises `SettingsError`
+naming the variable, the value and the rule, so a bad deployment fails at start:
+
+    COLLECTOR_BATCH_SIZE='ten': expected an integer >= 1
+"""
+
+import dataclasses
+import os
+import re
+import urllib.parse
+from typing import Any, Mapping
+
+FSYNC_POLICIES = ("never", "interval", "always")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class SettingsError(ValueError):
+    """A setting's value breaks its rule."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One configurable value: where it comes from and what it may be."""
+
+    field: str
+    env: str
+    kind: str  # "int", "float", "str", "choice", "list"
+    default: Any
+    help: str
+    minimum: float | None = None
+    choices: tuple[str, ...] = ()
+
+
+SETTINGS = (
+    Setting("database_url", "DATABASE_URL", "str", None,
+            "libpq URI of the PostgreSQL that stores the events (required by gunicorn; "
+            "`make run` starts a project-local one when unset)"),
+    Setting("batch_size", "COLLECTOR_BATCH_SIZE", "int", 1000,
+            "most events the flusher writes in one INSERT", minimum=1),
+    Setting("flush_interval", "COLLECTOR_FLUSH_INTERVAL", "float", 0.2,
+            "seconds the flusher waits for a batch to fill before writing what it has",
+            minimum=0.001),
+    Setting("queue_capacity", "COLLECTOR_QUEUE_CAPACITY", "int", 50_000,
+            "events held in memory per worker; past it events wait in the spool only",
+            minimum=1),
+    Setting("max_event_bytes", "COLLECTOR_MAX_EVENT_BYTES", "int", 65_536,
+            "largest body of POST /event, in bytes (after gzip decompression)", minimum=64),
+    Setting("max_batch_bytes", "COLLECTOR_MAX_BATCH_BYTES", "int", 5_242_880,
+            "largest body of POST /events, in bytes (after gzip decompression)", minimum=64),
+    Setting("max_batch_events", "COLLECTOR_MAX_BATCH_EVENTS", "int", 5_000,
+            "most events in one POST /events", minimum=1),
+    Setting("max_metadata_depth", "COLLECTOR_MAX_METADATA_DEPTH", "int", 32,
+            "deepest nesting of objects and arrays allowed in metadata", minimum=1),
+    Setting("spool_dir", "COLLECTOR_SPOOL_DIR", "str", "var/spool",
+            "directory of the crash-safe spool; each worker writes its own subdirectory"),
+    Setting("spool_fsync", "COLLECTOR_SPOOL_FSYNC", "choice", "interval",
+            "when the spool is fsynced: never (survives a process crash), interval "
+            "(also a power loss, but for the last COLLECTOR_SPOOL_FSYNC_INTERVAL), "
+            "always (before every 202)", choices=FSYNC_POLICIES),
+    Setting("spool_fsync_interval", "COLLECTOR_SPOOL_FSYNC_INTERVAL", "float", 1.0,
+            "seconds between fsyncs of the spool with COLLECTOR_SPOOL_FSYNC=interval",
+            minimum=0.001),
+    Setting("spool_max_bytes", "COLLECTOR_SPOOL_MAX_BYTES", "int", 1_073_741_824,
+            "disk budget of each worker's spool; past it POST answers 503", minimum=4096),
+    Setting("spool_segment_bytes", "COLLECTOR_SPOOL_SEGMENT_BYTES", "int", 16_777_216,
+            "size at which a spool segment is closed and a new one begun", minimum=4096),
+    Setting("statement_timeout", "COLLECTOR_STATEMENT_TIMEOUT", "float", 10.0,
+            "seconds PostgreSQL may spend on one INSERT before it is cancelled and retried",
+            minimum=0.1),
+    Setting("lock_timeout", "COLLECTOR_LOCK_TIMEOUT", "float", 2.0,
+            "seconds an INSERT may wait for a table lock before it is retried", minimum=0.1),
+    Setting("connect_timeout", "COLLECTOR_CONNECT_TIMEOUT", "float", 5.0,
+            "seconds a connection attempt to PostgreSQL may take", minimum=0.1),
+    Setting("retry_max_delay", "COLLECTOR_RETRY_MAX_DELAY", "float", 5.0,
+            "ceiling of the backoff between retries while PostgreSQL is unavailable",
+            minimum=0.01),
+    Setting("log_level", "COLLECTOR_LOG_LEVEL", "choice", "info",
+            "level of the application log", choices=LOG_LEVELS),
+)
+
+
+_DEFAULTS = {setting.field: setting.default for setting in SETTINGS}
+
+
+def _parse(setting: Setting, raw: str) -> Any:
+    """Turn one raw environment value into its typed value, or raise SettingsError."""
+    def fail(rule: str) -> SettingsError:
+        return SettingsError(f"{setting.env}={raw!r}: expected {rule}")
+
+    if setting.kind == "int":
+        # int() accepts "1_000" and " 7 "; a setting should be plain digits.
+        if not re.fullmatch(r"-?[0-9]+", raw):
+            raise fail(f"an integer >= {setting.minimum:g}")
+        value: Any = int(raw)
+    elif setting.kind == "float":
+        try:
+            value = float(raw)
+        except ValueError:
+            raise fail(f"a number >= {setting.minimum:g}") from None
+        if value != value or value in (float("inf"), float("-inf")):
+            raise fail(f"a number >= {setting.minimum:g}")
+    elif setting.kind == "choice":
+        value = raw.strip().lower()
+        if value not in setting.choices:
+            raise fail("one of " + ", ".join(setting.choices))
+        return value
+    elif setting.kind == "list":
+        return tuple(item.strip() for item in raw.split(",") if item.strip())
+    else:
+        return raw
+    if setting.minimum is not None and value < setting.minimum:
+        noun = "an integer" if setting.kind == "int" else "a number"
+        raise fail(f"{noun} >= {setting.minimum:g}")
+    return value
+
+
+def _redact(url: str | None) -> str | None:
+    """Return the URL with its password replaced by ***."""
+    if not url:
+        return url
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(":" + parts.password + "@", ":***@", 1)
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class Settings:
+    """Every setting of the collector, checked; build with `from_environ` or by hand in tests."""
+
+    database_url: str | None = _DEFAULTS["database_url"]
+    batch_size: int = _DEFAULTS["batch_size"]
+    flush_interval: float = _DEFAULTS["flush_interval"]
+    queue_capacity: int = _DEFAULTS["queue_capacity"]
+    max_event_bytes: int = _DEFAULTS["max_event_bytes"]
+    max_batch_bytes: int = _DEFAULTS["max_batch_bytes"]
+    max_batch_events: int = _DEFAULTS["max_batch_events"]
+    max_metadata_depth: int = _DEFAULTS["max_metadata_depth"]
+    spool_dir: str = _DEFAULTS["spool_dir"]
+    spool_fsync: str = _DEFAULTS["spool_fsync"]
+    spool_fsync_interval: float = _DEFAULTS["spool_fsync_interval"]
+    spool_max_bytes: int = _DEFAULTS["spool_max_bytes"]
+    spool_segment_bytes: int = _DEFAULTS["spool_segment_bytes"]
+    statement_timeout: float = _DEFAULTS["statement_timeout"]
+    lock_timeout: float = _DEFAULTS["lock_timeout"]
+    connect_timeout: float = _DEFAULTS["connect_timeout"]
+    retry_max_delay: float = _DEFAULTS["retry_max_delay"]
+    log_level: str = _DEFAULTS["log_level"]
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str] = os.environ,
+                     require_database: bool = True) -> "Settings":
+        """Read and check every setting; raise SettingsError naming the first bad one."""
+        values = {}
+        for setting in SETTINGS:
+            raw = environ.get(setting.env)
+            if raw is None or raw == "":
+                if setting.field == "database_url" and require_database:
+                    raise SettingsError(f"{setting.env} is not set: {setting.help}")
+                continue
+            values[setting.field] = _parse(setting, raw)
+        return cls(**values)
+
+    def __repr__(self) -> str:
+        shown = []
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.name == "database_url":
+                value = _redact(value)
+            shown.append(f"{field.name}={value!r}")
+        return "Settings(" + ", ".join(shown) + ")"

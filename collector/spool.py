@@ -1,0 +1,355 @@
+"""The crash-safe spool: every accepted event is appended to a file before its 202.
+
+Each worker owns a directory `<spool_dir>/<owner>/`, holds an exclusive flock on its
+`lock` file for as long as it lives, and appends records to numbered segments
+(`00000001.seg`, ...). A segment is deleted once every event in it is durable in
+PostgreSQL. When a worker dies (SIGKILL, OOM, gunicorn's timeout kill) the kernel
+releases its lock; any worker that can then take the lock owns the directory's
+leftovers and replays them (`orphans()`), idempotently since `event_id` is unique.
+
+A record is `MAGIC | length (u32) | crc32 (u32) | payload`. A torn record (a crash or
+a full disk mid-write) fails its length or checksum; readers skip to the next valid
+record, so the records before and after it are kept.
+
+What it survives, by COLLECTOR_SPOOL_FSYNC:
+  never     a process crash (the kernel's page cache outlives the process)
+  interval  a power loss too, except the last COLLECTOR_SPOOL_FSYNC_INTERVAL seconds
+  always    a power loss: a 202 is sent only after an fsync covering the event
+            (fsyncs are shared by all requests waiting at that moment)
+"""
+
+import fcntl
+import logging
+import mmap
+import os
+import pathlib
+import struct
+import uuid
+import zlib
+from typing import Iterator, NamedTuple
+
+import gevent
+import gevent.event
+
+logger = logging.getLogger(__name__)
+
+MAGIC = b"\xf1\xe5"
+HEADER = struct.Struct("<2sII")
+SEGMENT_SUFFIX = ".seg"
+LOCK_NAME = "lock"
+
+
+class SpoolFull(Exception):
+    """The spool's disk budget is used up; the event was not accepted."""
+
+
+class SpoolPosition(NamedTuple):
+    """Where a record starts: segment number and byte offset."""
+
+    segment: int
+    offset: int
+
+
+class Record(NamedTuple):
+    """One record read back from a spool."""
+
+    segment: int
+    payload: bytes
+
+
+def encode_record(payload: bytes) -> bytes:
+    """Frame a payload as a record: magic, length, checksum, payload."""
+    return HEADER.pack(MAGIC, len(payload), zlib.crc32(payload)) + payload
+
+
+def read_records(path: pathlib.Path, offset: int, limit: int,
+                 end: int | None = None) -> tuple[list[bytes], int, int]:
+    """Read up to `limit` records of one segment from `offset`.
+
+    Return (payloads, next offset, corrupt bytes skipped). Reading stops at `end`
+    (default: the file's size). Bytes that do not form a valid record, such as a
+    torn record, are skipped up to the next valid one.
+    """
+    payloads: list[bytes] = []
+    skipped = 0
+    with open(path, "rb") as f:
+        stop = end if end is not None else os.fstat(f.fileno()).st_size
+        if stop <= offset:
+            return payloads, offset, 0
+        with mmap.mmap(f.fileno(), stop, access=mmap.ACCESS_READ) as data:
+            pos = offset
+            while len(payloads) < limit and pos < stop:
+                if pos + HEADER.size <= stop:
+                    magic, length, crc = HEADER.unpack_from(data, pos)
+                    start, finish = pos + HEADER.size, pos + HEADER.size + length
+                    if magic == MAGIC and finish <= stop:
+                        payload = data[start:finish]
+                        if zlib.crc32(payload) == crc:
+                            payloads.append(payload)
+                            pos = finish
+                            continue
+                # Not a valid record here: resynchronise on the next magic.
+                found = data.find(MAGIC, pos + 1)
+                jump = (found if found >= 0 else stop) - pos
+                skipped += jump
+                pos += jump
+    return payloads, pos, skipped
+
+
+class _Segment:
+    """Bookkeeping for one segment file of the worker's own spool."""
+
+    __slots__ = ("number", "path", "size", "records", "released")
+
+    def __init__(self, number: int, path: pathlib.Path) -> None:
+        self.number = number
+        self.path = path
+        self.size = 0
+        self.records = 0
+        self.released = 0
+
+
+class Spool:
+    """This worker's append-only spool: append before 202, release once committed."""
+
+    def __init__(self, spool_dir: str, segment_bytes: int, max_bytes: int,
+                 fsync: str = "interval", fsync_interval: float = 1.0) -> None:
+        self.root = pathlib.Path(spool_dir)
+        self.segment_bytes = segment_bytes
+        self.max_bytes = max_bytes
+        self.fsync = fsync
+        self.fsync_interval = fsync_interval
+        self.directory = self.root / f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        self._lock_fd: int | None = None
+        self._fd: int | None = None
+        self._segments: dict[int, _Segment] = {}
+        self._active: _Segment | None = None
+        self._bytes = 0
+        self._appended = 0  # records appended, ever
+        self._synced = 0  # records known to be on disk (fsync policies only)
+        self._sync_wanted = gevent.event.Event()
+        self._sync_done = gevent.event.Event()
+        self._syncer: gevent.Greenlet | None = None
+
+    @property
+    def bytes(self) -> int:
+        """Bytes of this worker's segments that are still on disk."""
+        return self._bytes
+
+    @property
+    def end(self) -> SpoolPosition:
+        """The position the next record will be written at."""
+        assert self._active is not None
+        return SpoolPosition(self._active.number, self._active.size)
+
+    def open(self) -> None:
+        """Create this worker's directory, take its lock and start the first segment."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = os.open(self.directory / LOCK_NAME, os.O_CREAT | os.O_RDWR, 0o600)
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self._start_segment(1)
+        if self.fsync != "never":
+            self._syncer = gevent.spawn(self._sync_loop)
+
+    def append(self, payloads: list[bytes]) -> list[SpoolPosition]:
+        """Append records in one write; raise SpoolFull if they exceed the budget."""
+        records = [encode_record(p) for p in payloads]
+        size = sum(len(r) for r in records)
+        if self._bytes + size > self.max_bytes:
+            raise SpoolFull(f"spool holds {self._bytes} bytes of {self.max_bytes}")
+        if self._active.size + size > self.segment_bytes and self._active.size:
+            self._rotate()
+        segment = self._active
+        positions = []
+        offset = segment.size
+        for record in records:
+            positions.append(SpoolPosition(segment.number, offset))
+            offset += len(record)
+        data = b"".join(records)
+        try:
+            written = os.write(self._fd, data)
+            if written != len(data):
+                raise OSError(f"short write: {written} of {len(data)} bytes")
+        except OSError as ex:
+            # Cut off whatever part was written, so the segment stays whole.
+            os.ftruncate(self._fd, segment.size)
+            os.lseek(self._fd, segment.size, os.SEEK_SET)
+            raise SpoolFull(f"spool write failed: {ex}") from ex
+        segment.size = offset
+        segment.records += len(records)
+        self._bytes += size
+        self._appended += len(records)
+        return positions
+
+    def wait_durable(self) -> None:
+        """With fsync=always, return once every record appended so far is fsynced."""
+        if self.fsync != "always":
+            return
+        target = self._appended
+        while self._synced < target:
+            done = self._sync_done
+            self._sync_wanted.set()
+            done.wait()
+
+    def read(self, position: SpoolPosition, limit: int) -> tuple[list[Record], SpoolPosition]:
+        """Read up to `limit` of this worker's records from `position` on, in order."""
+        records: list[Record] = []
+        number, offset = position
+        while len(records) < limit and number in self._segments:
+            segment = self._segments[number]
+            payloads, offset, skipped = read_records(segment.path, offset,
+                                                     limit - len(records), segment.size)
+            if skipped:
+                logger.error("spool %s: skipped %d corrupt bytes", segment.path, skipped)
+            records.extend(Record(number, p) for p in payloads)
+            if offset < segment.size or segment is self._active:
+                break
+            number, offset = number + 1, 0
+        return records, SpoolPosition(number, offset)
+
+    def release(self, segment_number: int, count: int) -> None:
+        """Record that `count` events of a segment are durable in PostgreSQL."""
+        segment = self._segments.get(segment_number)
+        if segment is None:
+            return
+        segment.released += count
+        if segment is not self._active and segment.released >= segment.records:
+            self._delete(segment)
+
+    def close(self) -> bool:
+        """Stop the spool; remove its directory if every event was released. Tell if removed."""
+        if self._syncer is not None:
+            self._syncer.kill()
+        if self._fd is not None:
+            if self.fsync != "never":
+                os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = None
+        empty = all(s.released >= s.records for s in self._segments.values())
+        if empty:
+            for segment in list(self._segments.values()):
+                self._delete(segment)
+            _remove_directory(self.directory)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+        return empty
+
+    def _start_segment(self, number: int) -> None:
+        path = self.directory / f"{number:08d}{SEGMENT_SUFFIX}"
+        self._fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_APPEND, 0o600)
+        self._active = _Segment(number, path)
+        self._segments[number] = self._active
+
+    def _rotate(self) -> None:
+        old, fd = self._active, self._fd
+        if self.fsync != "never":
+            os.fsync(fd)  # a closed segment is whole on disk; the syncer only sees the new one
+        os.close(fd)
+        self._start_segment(old.number + 1)
+        if old.released >= old.records:
+            self._delete(old)
+
+    def _delete(self, segment: _Segment) -> None:
+        try:
+            segment.path.unlink()
+        except FileNotFoundError:
+            pass
+        self._bytes -= segment.size
+        del self._segments[segment.number]
+
+    def _sync_loop(self) -> None:
+        """Fsync the active segment: on request (always) or every interval."""
+        threadpool = gevent.get_hub().threadpool
+        timeout = self.fsync_interval if self.fsync == "interval" else None
+        while True:
+            self._sync_wanted.wait(timeout)
+            self._sync_wanted.clear()
+            target = self._appended
+            if target == self._synced:
+                continue
+            done, self._sync_done = self._sync_done, gevent.event.Event()
+            try:
+                # In a thread, so the worker's other greenlets run during the fsync.
+                threadpool.apply(os.fsync, (self._fd,))
+            except Exception as ex:  # waiters must be woken whatever happened
+                logger.error("spool fsync failed: %s", ex)
+            self._synced = target
+            done.set()
+
+
+class OrphanSpool:
+    """The spool directory of a dead worker, locked by this worker while it replays it."""
+
+    def __init__(self, directory: pathlib.Path, lock_fd: int) -> None:
+        self.directory = directory
+        self._lock_fd = lock_fd
+        self.segments = sorted(directory.glob("*" + SEGMENT_SUFFIX))
+        self.bytes = sum(p.stat().st_size for p in self.segments)
+        self.position = SpoolPosition(0, 0)  # index into segments, offset
+
+    def read(self, limit: int) -> tuple[list[bytes], SpoolPosition]:
+        """Read up to `limit` records from the current position; return them and the next one."""
+        index, offset = self.position
+        payloads: list[bytes] = []
+        while len(payloads) < limit and index < len(self.segments):
+            found, offset, skipped = read_records(self.segments[index], offset,
+                                                  limit - len(payloads))
+            if skipped:
+                logger.error("spool %s: skipped %d corrupt bytes", self.segments[index], skipped)
+            payloads.extend(found)
+            if len(payloads) < limit:
+                index, offset = index + 1, 0
+        return payloads, SpoolPosition(index, offset)
+
+    def advance(self, position: SpoolPosition) -> None:
+        """Mark everything before `position` as durable in PostgreSQL."""
+        self.position = position
+
+    @property
+    def finished(self) -> bool:
+        """Tell whether every record was read and advanced past."""
+        return self.position.segment >= len(self.segments)
+
+    def remove(self) -> None:
+        """Delete the replayed directory and release its lock."""
+        for path in self.segments:
+            path.unlink(missing_ok=True)
+        _remove_directory(self.directory)
+        os.close(self._lock_fd)
+
+    def release(self) -> None:
+        """Give the directory back unfinished (another worker may take it)."""
+        os.close(self._lock_fd)
+
+
+def orphans(spool_dir: str, own: pathlib.Path | None = None) -> Iterator[OrphanSpool]:
+    """Yield, locked, each spool directory whose owner is dead."""
+    root = pathlib.Path(spool_dir)
+    if not root.is_dir():
+        return
+    for directory in sorted(root.iterdir()):
+        if directory == own or not directory.is_dir():
+            continue
+        try:
+            fd = os.open(directory / LOCK_NAME, os.O_CREAT | os.O_RDWR, 0o600)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)  # its owner is alive
+            continue
+        if not directory.exists():  # removed by the worker that held it before us
+            os.close(fd)
+            continue
+        yield OrphanSpool(directory, fd)
+
+
+def _remove_directory(directory: pathlib.Path) -> None:
+    for path in directory.iterdir():
+        path.unlink(missing_ok=True)
+    try:
+        directory.rmdir()
+    except OSError as ex:
+        logger.warning("spool directory %s not removed: %s", directory, ex)

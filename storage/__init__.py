@@ -1,0 +1,1 @@
+"""PostgreSQL side of Firehose: schema, batch writer, error classification, backoff."""

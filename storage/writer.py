@@ -1,0 +1,164 @@
+"""Write one batch of events to PostgreSQL with a single execute_values INSERT.
+
+A batch is committed whole, or, when PostgreSQL refuses an event's content, split
+in halves until each refused event is alone; those go to `dead_letters` with the
+reason and the others are stored (one poison row aborts the whole transaction
+otherwise, pitfall 4). A repeated `event_id` is stored once (ON CONFLICT DO
+NOTHING), which also makes every retry and every spool replay safe.
+
+Any other failure raises `WriteDeferred`: the caller keeps the batch and retries.
+"""
+
+import contextlib
+import logging
+from typing import Callable, ContextManager, NamedTuple, Sequence
+
+import msgspec
+import psycopg2.extensions
+import psycopg2.extras
+
+from storage.database import ensure_schema
+from storage.errors import WriteFailure, classify_error
+
+logger = logging.getLogger(__name__)
+
+INSERT_EVENTS = (
+    'INSERT INTO events (event_id, user_id, "timestamp", metadata, received_at) '
+    "VALUES %s ON CONFLICT (event_id) DO NOTHING"
+)
+EVENT_TEMPLATE = "(%s, %s, %s, %s, to_timestamp(%s))"
+INSERT_DEAD_LETTER = (
+    "INSERT INTO dead_letters (event_id, payload, error_code, error_message) "
+    "VALUES (%s, %s, %s, %s) ON CONFLICT (event_id) DO NOTHING"
+)
+
+Row = Sequence  # (event_id, user_id, timestamp, metadata, received_at)
+
+
+class WriteResult(NamedTuple):
+    """What became of a batch once it is durable in PostgreSQL."""
+
+    inserted: int  # new rows in events
+    duplicates: int  # event_ids already stored
+    dead_lettered: int  # rows refused for their content, now in dead_letters
+
+
+class WriteDeferred(Exception):
+    """The batch could not be written now; keep it and retry later."""
+
+    def __init__(self, failure: WriteFailure, cause: BaseException) -> None:
+        super().__init__(f"{failure.value}: {_describe(cause)}")
+        self.failure = failure
+        self.cause = cause
+
+
+class BatchWriter:
+    """Owns one connection and writes batches through it; one greenlet uses it at a time."""
+
+    def __init__(self, connect: Callable[[], psycopg2.extensions.connection],
+                 bound: Callable[[], ContextManager] = contextlib.nullcontext) -> None:
+        self._connect = connect
+        self._bound = bound  # a deadline around each round trip to PostgreSQL
+        self._conn: psycopg2.extensions.connection | None = None
+        self._schema_ready = False
+
+    @property
+    def connected(self) -> bool:
+        """Tell whether a live connection is open."""
+        return self._conn is not None and not self._conn.closed
+
+    def write(self, rows: Sequence[Row]) -> WriteResult:
+        """Store the rows, dead-lettering the ones PostgreSQL refuses; raise WriteDeferred otherwise."""
+        try:
+            inserted = self._insert(rows)
+        except WriteDeferred:
+            raise
+        except Exception as ex:
+            failure = self._recover(ex)
+            if failure is not WriteFailure.POISON:
+                raise WriteDeferred(failure, ex) from ex
+            return self._isolate(rows, ex)
+        return WriteResult(inserted, len(rows) - inserted, 0)
+
+    def close(self) -> None:
+        """Close the connection, if any."""
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            finally:
+                self._conn = None
+
+    def _connection(self) -> psycopg2.extensions.connection:
+        if self._conn is None or self._conn.closed:
+            self._conn = None
+            try:
+                with self._bound():
+                    conn = self._connect()
+            except Exception as ex:
+                raise WriteDeferred(classify_error(ex, connection_closed=True), ex) from ex
+            self._conn = conn
+        if not self._schema_ready:
+            try:
+                with self._bound():
+                    ensure_schema(self._conn)
+            except Exception as ex:
+                raise WriteDeferred(self._recover(ex), ex) from ex
+            self._schema_ready = True
+        return self._conn
+
+    def _insert(self, rows: Sequence[Row]) -> int:
+        conn = self._connection()
+        with self._bound(), conn.cursor() as cur:
+            psycopg2.extras.execute_values(cur, INSERT_EVENTS, rows, template=EVENT_TEMPLATE,
+                                           page_size=len(rows))
+            inserted = cur.rowcount
+            conn.commit()
+        return inserted
+
+    def _recover(self, ex: BaseException) -> WriteFailure:
+        """Roll back after a failure and classify it; drop the connection if it is broken."""
+        closed = self._conn is None or bool(self._conn.closed)
+        if not closed:
+            try:
+                self._conn.rollback()
+            except Exception:
+                closed = True
+        if closed:
+            self.close()
+        return classify_error(ex, connection_closed=closed)
+
+    def _isolate(self, rows: Sequence[Row], ex: BaseException) -> WriteResult:
+        """Split a refused batch until each refused row is alone, and dead-letter those."""
+        if len(rows) == 1:
+            self._dead_letter(rows[0], ex)
+            return WriteResult(0, 0, 1)
+        middle = len(rows) // 2
+        first = self.write(rows[:middle])
+        second = self.write(rows[middle:])
+        return WriteResult(*(a + b for a, b in zip(first, second)))
+
+    def _dead_letter(self, row: Row, ex: BaseException) -> None:
+        event_id, user_id, timestamp, metadata, received_at = row
+        payload = msgspec.json.encode({
+            "event_id": event_id, "user_id": user_id, "timestamp": timestamp,
+            "metadata": msgspec.Raw(metadata.encode("utf-8", "surrogatepass")),
+            "received_at": received_at,
+        })
+        code = getattr(ex, "pgcode", None) or type(ex).__name__
+        message = _describe(ex)
+        # The error text can quote the row; keep it storable whatever it holds.
+        message = message.replace("\x00", "\\u0000").encode("utf-8", "replace").decode()
+        conn = self._connection()
+        try:
+            with self._bound(), conn.cursor() as cur:
+                cur.execute(INSERT_DEAD_LETTER, (event_id, payload, code, message))
+                conn.commit()
+        except Exception as dead_ex:
+            raise WriteDeferred(self._recover(dead_ex), dead_ex) from dead_ex
+        logger.warning("event %s dead-lettered: %s %s", event_id, code, message)
+
+
+def _describe(ex: BaseException) -> str:
+    """Return a one-line description of an exception."""
+    text = str(ex).strip().splitlines()
+    return f"{type(ex).__name__}: {text[0] if text else ''}"
