@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 
 ROUND_TRIP_MARGIN = 2.0  # seconds past statement_timeout before the client gives up
 STALL_MARGIN = 30.0  # seconds of no flusher progress, past its own deadlines, that mean stuck
-READY_HEADROOM = 65_536  # spool bytes that must stay free for the worker to be ready
+READY_SPOOL_FRACTION = 0.9  # past this share of its disk budget the worker is not ready
 SHUTDOWN_POLL = 0.1  # seconds between looks at gunicorn's worker.alive
 SHUTDOWN_MARGIN = 2.0  # seconds kept free before gunicorn's SIGKILL
 
@@ -143,7 +143,7 @@ class Pipeline:
         elif self.watchdog.stalled(time.monotonic()):
             problems.append("flusher made no progress for "
                             f"{self.watchdog.stall_after:g} s")
-        if self.spool.bytes + READY_HEADROOM > self.spool.max_bytes:
+        if self.spool.bytes >= self.spool.max_bytes * READY_SPOOL_FRACTION:
             problems.append("spool is full")
         body = {
             "status": "ready" if not problems else "not ready",

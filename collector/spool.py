@@ -37,6 +37,7 @@ MAGIC = b"\xf1\xe5"
 HEADER = struct.Struct("<2sII")
 SEGMENT_SUFFIX = ".seg"
 LOCK_NAME = "lock"
+RECYCLE_FRACTION = 16
 
 
 class SpoolFull(Exception):
@@ -120,6 +121,9 @@ class Spool:
         self.fsync = fsync
         self.fsync_interval = fsync_interval
         self.directory = self.root / f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        # A fully flushed active segment this large is replaced by a new one, so a
+        # small disk budget is given back without waiting for the segment to fill.
+        self._recycle_bytes = max(1, min(segment_bytes, max_bytes) // RECYCLE_FRACTION)
         self._lock_fd: int | None = None
         self._fd: int | None = None
         self._segments: dict[int, _Segment] = {}
@@ -213,8 +217,12 @@ class Spool:
         if segment is None:
             return
         segment.released += count
-        if segment is not self._active and segment.released >= segment.records:
+        if segment.released < segment.records:
+            return
+        if segment is not self._active:
             self._delete(segment)
+        elif segment.size >= self._recycle_bytes:
+            self._rotate()  # all of it is in PostgreSQL: start afresh, give the bytes back
 
     def close(self) -> bool:
         """Stop the spool; remove its directory if every event was released. Tell if removed."""
@@ -243,7 +251,7 @@ class Spool:
 
     def _rotate(self) -> None:
         old, fd = self._active, self._fd
-        if self.fsync != "never":
+        if self.fsync != "never" and old.released < old.records:
             os.fsync(fd)  # a closed segment is whole on disk; the syncer only sees the new one
         os.close(fd)
         self._start_segment(old.number + 1)

@@ -1,0 +1,6 @@
+"""Fixture modules for the whole suite; the fixtures themselves live in tests/fixtures/."""
+
+pytest_plugins = [
+    "tests.fixtures.postgres",
+    "tests.fixtures.collector",
+]
