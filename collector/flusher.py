@@ -81,6 +81,7 @@ class Flusher:
         self._orphan_turn = False
         self._deadline: float | None = None  # set when draining
         self._last_loud_log = 0.0
+        self._catch_up: tuple[float, int] | None = None  # (began, backlog) after an outage
 
     @property
     def alive(self) -> bool:
@@ -117,6 +118,11 @@ class Flusher:
             gevent.spawn_later(RESTART_DELAY, self.start)
 
     def _run(self) -> None:
+        try:
+            self._writer.prepare()  # the schema exists as soon as the service runs
+            self._stats.database_up = True
+        except WriteDeferred as ex:
+            logger.warning("database not ready at start, will retry: %s", ex)
         try:
             while True:
                 self.watchdog.beat()
@@ -178,6 +184,7 @@ class Flusher:
             if self._stats.database_up is False:
                 logger.warning("database available again after %.1f s; backlog %d events",
                                lasted, self._queue.pending)
+                self._catch_up = (now, self._queue.pending)
             self._stats.database_up = True
             self._stats.outage_since = None
             return result
@@ -208,6 +215,14 @@ class Flusher:
 
     def _count(self, result: WriteResult, replayed: bool) -> None:
         stats = self._stats
+        if self._catch_up is not None and self._queue.pending == 0:
+            began, backlog = self._catch_up
+            seconds = max(time.monotonic() - began, 1e-6)
+            stats.last_catch_up = {"events": backlog, "seconds": round(seconds, 3),
+                                   "events_per_s": round(backlog / seconds)}
+            logger.warning("backlog of %d events caught up in %.1f s (%d events/s)",
+                           backlog, seconds, backlog / seconds)
+            self._catch_up = None
         durable = result.inserted + result.duplicates
         stats.flushed += durable
         stats.duplicates += result.duplicates

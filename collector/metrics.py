@@ -20,3 +20,4 @@ class WorkerStats:
     last_error_kind: str | None = None
     database_up: bool | None = None  # None until the first write attempt
     outage_since: float | None = None
+    last_catch_up: dict | None = None  # backlog drained after the last outage, and how fast

@@ -128,6 +128,7 @@ class Pipeline:
             "last_flush_error_kind": stats.last_error_kind,
             "database": self._database_state(),
             "outage_since": stats.outage_since,
+            "last_catch_up": stats.last_catch_up,
             "flusher_alive": self.flusher.alive,
         }
 

@@ -67,6 +67,10 @@ class BatchWriter:
         """Tell whether a live connection is open."""
         return self._conn is not None and not self._conn.closed
 
+    def prepare(self) -> None:
+        """Connect and apply the schema now; raise WriteDeferred if PostgreSQL is not ready."""
+        self._connection()
+
     def write(self, rows: Sequence[Row]) -> WriteResult:
         """Store the rows, dead-lettering the ones PostgreSQL refuses; raise WriteDeferred otherwise."""
         try:
