@@ -1,0 +1,79 @@
+"""Pieces with no server: settings, backoff schedule, spool records."""
+
+import random
+
+import msgspec
+import pytest
+
+from collector.settings import SETTINGS, Settings, SettingsError
+from collector.spool import Spool, encode_record, read_records
+from storage.backoff import Backoff
+
+
+@pytest.mark.parametrize("env,message", [
+    ({"COLLECTOR_BATCH_SIZE": "ten"}, "COLLECTOR_BATCH_SIZE='ten': expected an integer >= 1"),
+    ({"COLLECTOR_BATCH_SIZE": "0"}, "COLLECTOR_BATCH_SIZE='0': expected an integer >= 1"),
+    ({"COLLECTOR_BATCH_SIZE": "true"}, "expected an integer"),
+    ({"COLLECTOR_FLUSH_INTERVAL": "nan"}, "COLLECTOR_FLUSH_INTERVAL='nan': expected a number"),
+    ({"COLLECTOR_SPOOL_FSYNC": "sometimes"}, "expected one of never, interval, always"),
+    ({}, "DATABASE_URL is not set"),
+])
+def test_bad_settings_name_the_variable(env, message):
+    environ = {"DATABASE_URL": "postgresql://db/x", **env} if env else {}
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_environ(environ)
+    assert message in str(caught.value)
+
+
+def test_settings_parse_and_hide_the_password():
+    settings = Settings.from_environ({"DATABASE_URL": "postgresql://u:s3cret@db:5432/x",
+                                      "COLLECTOR_BATCH_SIZE": "500",
+                                      "COLLECTOR_SPOOL_FSYNC": "ALWAYS"})
+    assert settings.batch_size == 500 and settings.spool_fsync == "always"
+    assert "s3cret" not in repr(settings) and "u:***@db" in repr(settings)
+
+
+def test_every_setting_has_a_field_and_help():
+    fields = set(Settings.__dataclass_fields__)
+    assert {s.field for s in SETTINGS} == fields
+    assert all(s.help and s.env.isupper() for s in SETTINGS)
+
+
+def test_backoff_is_capped_full_jitter():
+    backoff = Backoff(max_delay=2.0, initial_delay=0.1, rng=random.Random(7))
+    delays = [backoff.next_delay(now=100.0 + i) for i in range(2000)]
+    assert all(0 <= d <= 2.0 for d in delays)
+    assert max(delays[:3]) <= 0.4  # 0.1, 0.2, 0.4 ceilings
+    assert max(delays[100:]) > 1.5  # capped at 2.0 but jittered up to it
+    assert backoff.reset(now=2200.0) == pytest.approx(2100.0)
+    assert backoff.next_delay(now=3000.0) <= 0.1
+
+
+def test_records_survive_a_corrupt_and_a_torn_record(tmp_path):
+    payloads = [msgspec.msgpack.encode({"n": i}) for i in range(6)]
+    records = [encode_record(p) for p in payloads]
+    corrupt = bytearray(records[2])
+    corrupt[-1] ^= 0x01
+    path = tmp_path / "00000001.seg"
+    path.write_bytes(records[0] + records[1] + bytes(corrupt) + records[3] + records[4]
+                     + records[5][:-3])
+    found, end, skipped = read_records(path, 0, 100)
+    assert found == [payloads[0], payloads[1], payloads[3], payloads[4]]
+    assert skipped > 0 and end == path.stat().st_size
+
+
+def test_spool_reads_back_in_order_and_frees_released_segments(tmp_path):
+    spool = Spool(str(tmp_path), segment_bytes=4096, max_bytes=1 << 20, fsync="never")
+    spool.open()
+    try:
+        payloads = [b"x" * 100 + str(i).encode() for i in range(100)]
+        positions = [spool.append([p])[0] for p in payloads]
+        assert len({p.segment for p in positions}) > 1  # rotated at 4 KiB
+        records, end = spool.read(positions[0], 1000)
+        assert [r.payload for r in records] == payloads and end == spool.end
+        used = spool.bytes
+        for segment in sorted({p.segment for p in positions})[:-1]:
+            spool.release(segment, sum(1 for p in positions if p.segment == segment))
+        assert spool.bytes < used
+    finally:
+        spool.close()
