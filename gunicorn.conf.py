@@ -41,6 +41,8 @@ graceful_timeout = 30
 # error stream and format, which includes the pid. Access logs: set ACCESS_LOG=1.
 loglevel = os.environ.get("COLLECTOR_LOG_LEVEL", "info")
 _level = loglevel.upper()
+accesslog = "-" if os.environ.get("ACCESS_LOG") else None
+logger_class = "collector.logs.GunicornLogger"
 _access_handlers = ["access_stream"] if os.environ.get("ACCESS_LOG") else ["discard"]
 logconfig_dict = {
     "version": 1,

@@ -112,9 +112,12 @@ class BatchWriter:
 
     def _insert(self, rows: Sequence[Row]) -> int:
         conn = self._connection()
+        # The same event_id in two workers' batches (a client retry) must lock in the same
+        # order in both, or ON CONFLICT's speculative insertions can deadlock.
+        ordered = sorted(rows, key=_event_id)
         with self._bound(), conn.cursor() as cur:
-            psycopg2.extras.execute_values(cur, INSERT_EVENTS, rows, template=EVENT_TEMPLATE,
-                                           page_size=len(rows))
+            psycopg2.extras.execute_values(cur, INSERT_EVENTS, ordered, template=EVENT_TEMPLATE,
+                                           page_size=len(ordered))
             inserted = cur.rowcount
             conn.commit()
         return inserted
@@ -160,6 +163,10 @@ class BatchWriter:
         except Exception as dead_ex:
             raise WriteDeferred(self._recover(dead_ex), dead_ex) from dead_ex
         logger.warning("event %s dead-lettered: %s %s", event_id, code, message)
+
+
+def _event_id(row: Row) -> str:
+    return row[0]
 
 
 def _describe(ex: BaseException) -> str:
