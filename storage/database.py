@@ -43,6 +43,10 @@ def connect(dsn: str, statement_timeout: float, lock_timeout: float,
         tcp_user_timeout=user_timeout_ms,
         **params,
     )
+    # Each write is one statement, atomic by itself: autocommit spares the BEGIN and
+    # COMMIT round trips, and under load every round trip waits for the worker's
+    # other greenlets to take their turn.
+    conn.autocommit = True
     return conn
 
 
@@ -67,9 +71,10 @@ def _resolve_host(params: dict) -> None:
 
 
 def ensure_schema(conn: psycopg2.extensions.connection) -> None:
-    """Create the tables and indexes if missing; safe to run from many workers at once."""
-    sql = SCHEMA_PATH.read_text()
+    """Create the tables and indexes if missing; safe to run from many workers at once.
+
+    One query string is one transaction, so the advisory lock is held until the end.
+    """
+    sql = SCHEMA_PATH.read_text().replace("%", "%%")
     with conn.cursor() as cur:
-        cur.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK_KEY,))
-        cur.execute(sql)
-    conn.commit()
+        cur.execute("SELECT pg_advisory_xact_lock(%s);\n" + sql, (SCHEMA_LOCK_KEY,))

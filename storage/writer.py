@@ -1,6 +1,6 @@
 """Write one batch of events to PostgreSQL with a single execute_values INSERT.
 
-A batch is committed whole, or, when PostgreSQL refuses an event's content, split
+A batch is one statement, committed whole (autocommit), or, when PostgreSQL refuses an event's content, split
 in halves until each refused event is alone; those go to `dead_letters` with the
 reason and the others are stored (one poison row aborts the whole transaction
 otherwise, pitfall 4). A repeated `event_id` is stored once (ON CONFLICT DO
@@ -119,7 +119,6 @@ class BatchWriter:
             psycopg2.extras.execute_values(cur, INSERT_EVENTS, ordered, template=EVENT_TEMPLATE,
                                            page_size=len(ordered))
             inserted = cur.rowcount
-            conn.commit()
         return inserted
 
     def _recover(self, ex: BaseException) -> WriteFailure:
@@ -159,7 +158,6 @@ class BatchWriter:
         try:
             with self._bound(), conn.cursor() as cur:
                 cur.execute(INSERT_DEAD_LETTER, (event_id, payload, code, message))
-                conn.commit()
         except Exception as dead_ex:
             raise WriteDeferred(self._recover(dead_ex), dead_ex) from dead_ex
         logger.warning("event %s dead-lettered: %s %s", event_id, code, message)
