@@ -1,0 +1,1 @@
+"""Benchmark of Firehose: `make bench` runs bench/run.py (see its docstring)."""

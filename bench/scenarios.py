@@ -1,0 +1,52 @@
+"""The benchmark's scenarios: what load goes where, and what is done to PostgreSQL meanwhile."""
+
+import dataclasses
+
+from bench.locust_load import USERS as LOCUST_USERS
+
+BATCH_EVENTS = 500  # events in one POST /events of the batch scenario
+BATCH_CONNECTIONS = 20  # enough 250 kB batches in flight to keep both workers busy
+LOCK_SECONDS = 5.0  # how long the lock scenario holds ACCESS EXCLUSIVE on events
+
+
+@dataclasses.dataclass(frozen=True)
+class Scenario:
+    """One kind of load, run --runs times."""
+
+    name: str
+    title: str
+    target: str  # "reference" (nginx alone), "direct" (gunicorn) or "proxy" (nginx, gunicorn)
+    connections: int  # wrk connections, or locust users
+    path: str = "/event"
+    events_per_request: int = 1
+    lock_table: bool = False  # hold LOCK TABLE events for LOCK_SECONDS mid-run
+    profile: bool = False  # the scenario --profile samples
+    locust_processes: int = 0  # 0: wrk drives the load; N: locust with N processes
+
+    @property
+    def uses_firehose(self) -> bool:
+        """Tell whether the load reaches the collector (and so PostgreSQL)."""
+        return self.target != "reference"
+
+
+SCENARIOS = (
+    Scenario("nginx-202", "nginx answering 202 by itself: the reference", "reference", 100),
+    Scenario("direct-100", "POST /event to gunicorn, 100 connections", "direct", 100,
+             profile=True),
+    Scenario("direct-1000", "POST /event to gunicorn, 1000 connections", "direct", 1000),
+    Scenario("proxy-100", "POST /event through nginx to gunicorn, 100 connections", "proxy",
+             100),
+    Scenario("lock-100", f"POST /event, 100 connections, events locked {LOCK_SECONDS:g} s "
+             "(LOCK TABLE ... IN ACCESS EXCLUSIVE MODE) mid-run", "direct", 100,
+             lock_table=True),
+    Scenario(f"batch-{BATCH_EVENTS}", f"POST /events, {BATCH_EVENTS} events a request, "
+             f"{BATCH_CONNECTIONS} connections", "direct", BATCH_CONNECTIONS, path="/events",
+             events_per_request=BATCH_EVENTS),
+)
+LOCUST_SCENARIOS = (
+    Scenario("locust-1p", "locustfile.py, no think time, 1 locust process", "direct",
+             LOCUST_USERS, locust_processes=1),
+    Scenario("locust-2p", "locustfile.py, no think time, --processes 2", "direct",
+             LOCUST_USERS, locust_processes=2),
+)
+ALL = SCENARIOS + LOCUST_SCENARIOS
