@@ -24,6 +24,7 @@ import mmap
 import os
 import pathlib
 import struct
+import time
 import uuid
 import zlib
 from typing import Iterator, NamedTuple
@@ -38,6 +39,7 @@ HEADER = struct.Struct("<2sII")
 SEGMENT_SUFFIX = ".seg"
 LOCK_NAME = "lock"
 RECYCLE_FRACTION = 16
+ABANDONED_SETUP_AGE = 60.0  # seconds after which a hidden, unlocked spool directory is litter
 
 
 class SpoolFull(Exception):
@@ -147,10 +149,16 @@ class Spool:
         return SpoolPosition(self._active.number, self._active.size)
 
     def open(self) -> None:
-        """Create this worker's directory, take its lock and start the first segment."""
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self._lock_fd = os.open(self.directory / LOCK_NAME, os.O_CREAT | os.O_RDWR, 0o600)
+        """Create this worker's directory, take its lock and start the first segment.
+
+        The directory is made and locked under a hidden name, then renamed into place:
+        a sibling looking for dead workers' spools must never see it unlocked.
+        """
+        hidden = self.root / ("." + self.directory.name)
+        hidden.mkdir(parents=True)
+        self._lock_fd = os.open(hidden / LOCK_NAME, os.O_CREAT | os.O_RDWR, 0o600)
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        hidden.rename(self.directory)
         self._start_segment(1)
         if self.fsync != "never":
             self._syncer = gevent.spawn(self._sync_loop)
@@ -349,6 +357,13 @@ def orphans(spool_dir: str, own: pathlib.Path | None = None) -> Iterator[OrphanS
             os.close(fd)  # its owner is alive
             continue
         if not directory.exists():  # removed by the worker that held it before us
+            os.close(fd)
+            continue
+        if directory.name.startswith("."):
+            # A worker setting up (it may not hold the lock yet), or one that died doing so,
+            # before writing anything: remove it only when it is clearly abandoned.
+            if time.time() - directory.stat().st_mtime > ABANDONED_SETUP_AGE:
+                _remove_directory(directory)
             os.close(fd)
             continue
         yield OrphanSpool(directory, fd)
