@@ -122,6 +122,9 @@ class Flusher:
             self._writer.prepare()  # the schema exists as soon as the service runs
             self._stats.database_up = True
         except WriteDeferred as ex:
+            self._stats.database_up = False
+            self._stats.outage_since = time.time()
+            self._stats.last_error, self._stats.last_error_kind = str(ex), ex.failure.value
             logger.warning("database not ready at start, will retry: %s", ex)
         try:
             while True:
