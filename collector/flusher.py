@@ -82,6 +82,7 @@ class Flusher:
         self._deadline: float | None = None  # set when draining
         self._last_loud_log = 0.0
         self._catch_up: tuple[float, int] | None = None  # (began, backlog) after an outage
+        self._in_flight: list | None = None  # the batch being written
 
     @property
     def alive(self) -> bool:
@@ -140,9 +141,12 @@ class Flusher:
                            self._queue.pending)
 
     def _flush_own_batch(self, wait: float) -> None:
-        batch = self._queue.take(self.batch_size, wait)
+        # A batch taken but not written (the greenlet crashed) is written first on restart.
+        batch = self._in_flight or self._queue.take(self.batch_size, wait)
         if batch:
+            self._in_flight = batch
             result = self._write([q.event for q in batch])
+            self._in_flight = None
             self._queue.done(batch)
             self._count(result, replayed=False)
             gevent.sleep(0)  # let the requests that waited during the write run first
@@ -162,7 +166,13 @@ class Flusher:
         self._orphan_turn = not self._orphan_turn
         if not self._orphan_turn and self._queue.pending:
             return False
-        payloads, position = self._orphan.read(self.batch_size)
+        try:
+            payloads, position = self._orphan.read(self.batch_size)
+        except OSError as ex:
+            logger.error("spool %s unreadable, left for later: %s", self._orphan.directory, ex)
+            self._orphan.release()
+            self._orphan = None
+            return False
         if payloads:
             result = self._write([self._queue.decode(p) for p in payloads])
             self._count(result, replayed=True)
