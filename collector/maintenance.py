@@ -72,7 +72,8 @@ class Maintenance:
     def _run(self) -> None:
         while True:
             try:
-                with gevent.Timeout(RUN_TIMEOUT, OperationTimedOut(f"no end in {RUN_TIMEOUT:g} s")):
+                deadline = OperationTimedOut(f"no end in {RUN_TIMEOUT:g} s")
+                with gevent.Timeout(RUN_TIMEOUT, deadline):
                     self.run_once(datetime.datetime.now(datetime.timezone.utc))
             except Exception as ex:
                 if not self._failing:

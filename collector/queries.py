@@ -27,7 +27,7 @@ from storage.rollups import UNITS, CountFilter, CountReader
 
 DEFAULT_LIMIT = 100  # events per page
 MAX_LIMIT = 1000  # a larger `limit` is lowered to this
-MAX_FILTER_BYTES = 4096  # of the `metadata` parameter
+MAX_FILTER_BYTES = 2048  # of the `metadata` parameter (gunicorn refuses request lines past 4094)
 DEFAULT_UNIT = "hour"
 UNIT_LENGTH = {"minute": datetime.timedelta(minutes=1), "hour": datetime.timedelta(hours=1),
                "day": datetime.timedelta(days=1)}
@@ -71,7 +71,7 @@ class EventQueryResource:
         resp.content_type = falcon.MEDIA_JSON
         resp.data = encode({
             "events": [msgspec.Raw(event.encode()) for event in page.events],
-            "next": _encode_cursor(page.next_key) if page.next_key else None,
+            "next": encode_cursor(page.next_key) if page.next_key else None,
             "limit": limit,
         })
 
@@ -193,13 +193,14 @@ def _cursor(params: dict) -> Key | None:
     return Key(timestamp, str(event_id))
 
 
-def _encode_cursor(key: Key) -> str:
+def encode_cursor(key: Key) -> str:
+    """Return the opaque cursor of a page boundary: base64url of [timestamp, event_id]."""
     raw = encode([key.timestamp.isoformat(), key.event_id])
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
 
 
 def _bucket_range(params: dict, unit: str) -> tuple[datetime.datetime, datetime.datetime]:
-    """Return the range of whole buckets covering `from` to `to` (defaults: DEFAULT_SPAN to now)."""
+    """Return the whole buckets from `from` to `to` (by default, DEFAULT_SPAN up to now)."""
     until = _moment(params, "to") or datetime.datetime.now(UTC)
     since = _moment(params, "from")
     try:

@@ -50,7 +50,8 @@ ATTACHED = (
     "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
     "WHERE i.inhparent = to_regclass('events')"
 )
-CREATE_TABLE = "CREATE TABLE IF NOT EXISTS {} (LIKE events INCLUDING DEFAULTS INCLUDING CONSTRAINTS)"
+CREATE_TABLE = ("CREATE TABLE IF NOT EXISTS {} "
+                "(LIKE events INCLUDING DEFAULTS INCLUDING CONSTRAINTS)")
 HAS_STRAYS = ('SELECT EXISTS (SELECT 1 FROM events_default '
               'WHERE "timestamp" >= %s AND "timestamp" < %s)')
 LOCK_DEFAULT = "LOCK TABLE events_default IN ACCESS EXCLUSIVE MODE"
