@@ -99,8 +99,10 @@ CREATE TABLE IF NOT EXISTS event_counts_by_key (
     PRIMARY KEY (key, unit, bucket, value)
 );
 
+-- jit off: the planner cannot size the transition table and guesses millions of rows,
+-- so it would JIT-compile these statements for every batch (measured: 150 ms of 180).
 CREATE OR REPLACE FUNCTION firehose_count_events() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET jit = off AS $$
 BEGIN
     INSERT INTO event_counts AS c (unit, bucket, n)
     SELECT u.unit, date_trunc(u.unit, e."timestamp", 'UTC'), count(*)
