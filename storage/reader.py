@@ -17,8 +17,10 @@ from typing import NamedTuple
 from storage.readpool import ReadPool
 
 # Each row as the JSON object of its columns, made by PostgreSQL: metadata is passed
-# through as text, never decoded and encoded again in the worker.
-SELECT_EVENTS = 'SELECT row_to_json(events)::text, "timestamp", event_id::text FROM events'
+# through as text, never decoded and encoded again in the worker. The key columns are
+# selected as they are: an output column `event_id::text` would be what ORDER BY
+# event_id sorts by, as text, and no index has that order.
+SELECT_EVENTS = 'SELECT row_to_json(events)::text, "timestamp", event_id FROM events'
 CONDITIONS = {
     "user_id": "user_id = %(user_id)s",
     "since": '"timestamp" >= %(since)s',

@@ -114,6 +114,9 @@ EVENT_QUERIES = {
 }
 
 
+ORDERED_BY_INDEX = ("newest", "one day", "page 1500")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(EVENT_QUERIES))
 def test_event_pages_use_an_index(big, name):
@@ -125,6 +128,9 @@ def test_event_pages_use_an_index(big, name):
     seq = [n["Relation Name"] for n in nodes if n["Node Type"] == "Seq Scan"]
     assert not set(seq) & scanned, f"{name}: Seq Scan of a big partition: {describe(nodes)}"
     assert {n["Node Type"] for n in nodes} & INDEX_NODES, f"{name}: no index: {describe(nodes)}"
+    if name in ORDERED_BY_INDEX:  # read in the index's order: nothing sorted, however deep
+        sorts = [n for n in nodes if "Sort" in n["Node Type"]]
+        assert not sorts, f"{name}: sorted, not read in index order: {describe(nodes)}"
 
 
 COUNT_QUERIES = {
