@@ -4,18 +4,28 @@ gunicorn loads `collector.app:get_app()` in each worker (gunicorn.conf.py), and 
 hooks start and stop the worker's pipeline (`app.pipeline`).
 """
 
+import functools
 import logging
 import sys
 
 import falcon
+import gevent
 
 from collector.errors import serialize_error
 from collector.pipeline import Pipeline
+from collector.queries import CountResource, EventQueryResource
 from collector.resources import EventBatchResource, EventResource, HealthResource, ReadyResource
+from collector.routing import SharedRoute
 from collector.settings import Settings, SettingsError
 from collector.validation import EventValidator
+from storage.errors import OperationTimedOut
+from storage.reader import EventReader
+from storage.readpool import ReadPool
+from storage.rollups import CountReader
 
 logger = logging.getLogger(__name__)
+
+READ_MARGIN = 2.0  # seconds past the read timeout before a read gives up client-side
 
 
 class CollectorApp(falcon.App):
@@ -33,12 +43,26 @@ def create_app(settings: Settings, pipeline: Pipeline | None = None) -> Collecto
     app.req_options.auto_parse_form_urlencoded = False
     app.set_error_serializer(serialize_error)
     app.add_route("/event", EventResource(pipeline, validator, settings.max_event_bytes))
-    app.add_route("/events", EventBatchResource(pipeline, validator, settings.max_batch_bytes,
-                                                settings.max_batch_events))
+    reads = _read_pool(settings)
+    # falcon serves a route with one resource: /events joins ingest (POST) and query (GET).
+    app.add_route("/events", SharedRoute(
+        post=EventBatchResource(pipeline, validator, settings.max_batch_bytes,
+                                settings.max_batch_events),
+        get=EventQueryResource(EventReader(reads))))
+    app.add_route("/counts", CountResource(CountReader(reads), settings.rollup_keys))
     app.add_route("/health", HealthResource(pipeline))
     app.add_route("/ready", ReadyResource(pipeline))
     app.pipeline = pipeline
     return app
+
+
+def _read_pool(settings: Settings) -> ReadPool:
+    """Build the worker's read connections; each round trip is bounded client-side too."""
+    seconds = max(settings.read_timeout, settings.connect_timeout) + READ_MARGIN
+    bound = functools.partial(gevent.Timeout, seconds,
+                              OperationTimedOut(f"no answer in {seconds:g} s"))
+    return ReadPool(settings.database_url, settings.read_pool_size, settings.read_timeout,
+                    wait_timeout=settings.read_timeout, bound=bound)
 
 
 def get_app() -> CollectorApp:

@@ -1,4 +1,5 @@
-"""One worker's ingestion pipeline: spool, queue, flusher and writer, wired from settings.
+"""One worker's ingestion pipeline: spool, queue, flusher and writer (and the maintenance
+greenlet of partitions and rollup keys), wired from settings.
 
 Built in `get_app()`, started after the fork by gunicorn's `post_worker_init` hook
 (never in the master, pitfall 7), drained by `worker_exit`.
@@ -13,6 +14,7 @@ from typing import Callable
 import gevent
 
 from collector.flusher import Flusher, Watchdog
+from collector.maintenance import Maintenance
 from collector.metrics import WorkerStats
 from collector.queue import EventQueue
 from collector.settings import Settings
@@ -29,6 +31,7 @@ STALL_MARGIN = 30.0  # seconds of no flusher progress, past its own deadlines, t
 READY_SPOOL_FRACTION = 0.9  # past this share of its disk budget the worker is not ready
 SHUTDOWN_POLL = 0.1  # seconds between looks at gunicorn's worker.alive
 SHUTDOWN_MARGIN = 2.0  # seconds kept free before gunicorn's SIGKILL
+MAINTENANCE_STATEMENT_TIMEOUT = 60.0  # seconds for one partition step (moving strays)
 
 
 class Pipeline:
@@ -50,6 +53,11 @@ class Pipeline:
                                self.watchdog, self.stats, settings.spool_dir,
                                str(self.spool.directory), settings.batch_size,
                                settings.flush_interval)
+        self.maintenance = Maintenance(
+            functools.partial(database.connect, settings.database_url,
+                              MAINTENANCE_STATEMENT_TIMEOUT, settings.lock_timeout,
+                              application_name="firehose-maintenance"),
+            settings.rollup_keys, settings.partition_interval, settings.retention_days)
         self.started = False
         self.shutdown_began: float | None = None
 
@@ -66,6 +74,7 @@ class Pipeline:
         psycogreen.gevent.patch_psycopg()
         self.spool.open()
         self.flusher.start()
+        self.maintenance.start()
         self.started = True
         if worker_alive is not None:
             gevent.spawn(self._watch_for_shutdown, worker_alive)
@@ -81,6 +90,7 @@ class Pipeline:
         if not self.started:
             return
         self._begin_shutdown()
+        self.maintenance.stop()
         deadline = self.shutdown_began + graceful_timeout - SHUTDOWN_MARGIN
         pending = self.queue.pending
         drained = self.flusher.drain(deadline)

@@ -14,6 +14,7 @@ import urllib.parse
 from typing import Any, Mapping
 
 FSYNC_POLICIES = ("never", "interval", "always")
+PARTITION_INTERVALS = ("month", "day")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -77,6 +78,21 @@ SETTINGS = (
     Setting("retry_max_delay", "COLLECTOR_RETRY_MAX_DELAY", "float", 5.0,
             "ceiling of the backoff between retries while PostgreSQL is unavailable",
             minimum=0.01),
+    Setting("read_timeout", "COLLECTOR_READ_TIMEOUT", "float", 5.0,
+            "seconds PostgreSQL may spend on one GET /events or /counts query before it is "
+            "cancelled (503)", minimum=0.1),
+    Setting("read_pool_size", "COLLECTOR_READ_POOL_SIZE", "int", 4,
+            "read connections per worker, apart from the flusher's; more reads at once wait",
+            minimum=1),
+    Setting("rollup_keys", "COLLECTOR_ROLLUP_KEYS", "list", (),
+            "comma-separated metadata keys whose values GET /counts can count by "
+            "(counted from when first configured)"),
+    Setting("partition_interval", "COLLECTOR_PARTITION_INTERVAL", "choice", "month",
+            "range of one partition of events: month, or day for high volumes and "
+            "retention to the day", choices=PARTITION_INTERVALS),
+    Setting("retention_days", "COLLECTOR_RETENTION_DAYS", "int", 0,
+            "drop partitions of events whose whole range is older than this many days; "
+            "0 keeps everything", minimum=0),
     Setting("log_level", "COLLECTOR_LOG_LEVEL", "choice", "info",
             "level of the application log", choices=LOG_LEVELS),
 )
@@ -149,6 +165,11 @@ class Settings:
     lock_timeout: float = _DEFAULTS["lock_timeout"]
     connect_timeout: float = _DEFAULTS["connect_timeout"]
     retry_max_delay: float = _DEFAULTS["retry_max_delay"]
+    read_timeout: float = _DEFAULTS["read_timeout"]
+    read_pool_size: int = _DEFAULTS["read_pool_size"]
+    rollup_keys: tuple[str, ...] = _DEFAULTS["rollup_keys"]
+    partition_interval: str = _DEFAULTS["partition_interval"]
+    retention_days: int = _DEFAULTS["retention_days"]
     log_level: str = _DEFAULTS["log_level"]
 
     @classmethod

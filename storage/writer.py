@@ -3,8 +3,8 @@
 A batch is one statement, committed whole (autocommit), or, when PostgreSQL refuses an event's content, split
 in halves until each refused event is alone; those go to `dead_letters` with the
 reason and the others are stored (one poison row aborts the whole transaction
-otherwise, pitfall 4). A repeated `event_id` is stored once (ON CONFLICT DO
-NOTHING), which also makes every retry and every spool replay safe.
+otherwise, pitfall 4). A repeated event (same `event_id`, `timestamp` and `user_id`,
+as every retry and every spool replay is) is stored once (ON CONFLICT DO NOTHING).
 
 Any other failure raises `WriteDeferred`: the caller keeps the batch and retries.
 """
@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 
 INSERT_EVENTS = (
     'INSERT INTO events (event_id, user_id, "timestamp", metadata, received_at) '
-    "VALUES %s ON CONFLICT (event_id) DO NOTHING"
+    'VALUES %s ON CONFLICT ("timestamp", event_id, user_id) DO NOTHING'
 )
 EVENT_TEMPLATE = "(%s, %s, %s, %s, to_timestamp(%s))"
 INSERT_DEAD_LETTER = (

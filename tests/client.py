@@ -32,7 +32,8 @@ def request(url: str, method: str = "GET", body: bytes | None = None,
     """Send one request (on `conn` if given, else a new connection) and return the answer."""
     own = conn is None
     conn = conn or _connection(url)
-    path = urllib.parse.urlsplit(url).path or "/"
+    parts = urllib.parse.urlsplit(url)
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     started = time.monotonic()
     try:
         conn.request(method, path, body=body, headers=headers or {})
@@ -90,12 +91,14 @@ class StreamResult(NamedTuple):
 
 
 def post_stream(url: str, count: int, concurrency: int, deadline_s: float = 120,
-                stop: threading.Event | None = None, on_sent=None) -> StreamResult:
+                stop: threading.Event | None = None, on_sent=None,
+                factory=make_event) -> StreamResult:
     """POST `count` events over `concurrency` keep-alive connections; bounded in count and time.
 
-    `stop` ends the stream early; `on_sent(n)` is called with the running count of answers.
+    `stop` ends the stream early; `on_sent(n)` is called with the running count of answers;
+    `factory()` makes each event.
     """
-    events = [make_event() for _ in range(count)]
+    events = [factory() for _ in range(count)]
     lock = threading.Lock()
     sent, accepted, latencies = [], [], []
     statuses: dict[int, int] = {}

@@ -16,6 +16,9 @@ from storage.backoff import Backoff
     ({"COLLECTOR_BATCH_SIZE": "true"}, "expected an integer"),
     ({"COLLECTOR_FLUSH_INTERVAL": "nan"}, "COLLECTOR_FLUSH_INTERVAL='nan': expected a number"),
     ({"COLLECTOR_SPOOL_FSYNC": "sometimes"}, "expected one of never, interval, always"),
+    ({"COLLECTOR_PARTITION_INTERVAL": "week"}, "expected one of month, day"),
+    ({"COLLECTOR_RETENTION_DAYS": "-1"}, "COLLECTOR_RETENTION_DAYS='-1': expected an integer >= 0"),
+    ({"COLLECTOR_READ_POOL_SIZE": "0"}, "expected an integer >= 1"),
     ({}, "DATABASE_URL is not set"),
 ])
 def test_bad_settings_name_the_variable(env, message):
@@ -30,6 +33,10 @@ def test_settings_parse_and_hide_the_password():
                                       "COLLECTOR_BATCH_SIZE": "500",
                                       "COLLECTOR_SPOOL_FSYNC": "ALWAYS"})
     assert settings.batch_size == 500 and settings.spool_fsync == "always"
+    assert settings.rollup_keys == () and settings.retention_days == 0
+    keys = Settings.from_environ({"DATABASE_URL": "postgresql://db/x",
+                                  "COLLECTOR_ROLLUP_KEYS": " page, country ,,"})
+    assert keys.rollup_keys == ("page", "country")
     assert "s3cret" not in repr(settings) and "u:***@db" in repr(settings)
 
 
