@@ -16,6 +16,9 @@ JSON = "application/json"
 NDJSON = "application/x-ndjson"
 BEACON = "text/plain"  # navigator.sendBeacon sends strings as text/plain
 METRICS_TYPE = "text/plain"
+# jsonb cannot hold a NUL in a string or key (pitfall 5). Numbers past a double's range
+# are refused too, but JSON Schema cannot say so of integers: the description does.
+NO_NUL = "^[^\\x00]*$"
 
 
 def _ref(name: str) -> dict:
@@ -81,12 +84,7 @@ def _schemas(settings: Settings) -> dict:
                               "description": "RFC 3339 date-time; one without an offset "
                                              "is read as UTC",
                               "examples": ["2024-05-01T12:00:00Z"]},
-                "metadata": {"type": "object",
-                             "description": "any JSON object, stored as jsonb exactly as "
-                                            f"sent; at most {settings.max_metadata_depth} "
-                                            "levels deep, no \\u0000, numbers within a "
-                                            "double's range",
-                             "examples": [{"page": "/home", "button": "buy"}]},
+                "metadata": _ref("Metadata"),
                 "event_id": {"type": "string", "format": "uuid",
                              "description": "chosen by the client for idempotency: a "
                                             "repeat is accepted and stored once; "
@@ -94,6 +92,23 @@ def _schemas(settings: Settings) -> dict:
             },
             "additionalProperties": False,
         },
+        "Metadata": {
+            "type": "object",
+            "description": "any JSON object, stored as jsonb exactly as sent; at most "
+                           f"{settings.max_metadata_depth} levels deep (max_metadata_depth), "
+                           "no \\u0000 in a string or key, numbers within a double's range",
+            "propertyNames": {"pattern": NO_NUL},
+            "additionalProperties": _ref("JsonValue"),
+            "examples": [{"page": "/home", "button": "buy"}],
+        },
+        "JsonValue": {"anyOf": [
+            {"type": "null"},
+            {"type": "boolean"},
+            {"type": "number"},
+            {"type": "string", "pattern": NO_NUL},
+            {"type": "array", "items": _ref("JsonValue")},
+            _ref("Metadata"),
+        ]},
         "Accepted": {
             "type": "object",
             "required": ["status", "event_id"],
@@ -193,8 +208,10 @@ def openapi_document(settings: Settings) -> dict:
         {"description": "Accepted: the event will be stored once.",
          "content": _json(_ref("Accepted"))},
         _response("BadRequest"))
-    batch = {"type": "array", "items": event, "minItems": 1,
-             "maxItems": settings.max_batch_events}
+    # Each item is checked alone: one that is not an event is refused by its index, and
+    # the others are still taken, so the batch itself holds any JSON values.
+    batch = {"type": "array", "minItems": 1, "maxItems": settings.max_batch_events,
+             "items": {"anyOf": [event, {"description": "not an event: refused alone"}]}}
     many = _post(
         "Send a batch of events",
         f"A JSON array of events, or NDJSON (one event a line). At most "

@@ -89,6 +89,11 @@ def test_reporting_endpoints_and_preflight_stay_open(server):
     keyed, _ = server
     for path in ("/health", "/ready", "/metrics", "/openapi.json"):
         assert request(keyed.url + path).status == 200, path
+    document = request(keyed.url + "/openapi.json").body
+    for path in ("/event", "/events"):  # the document says a key is needed, and how
+        schemes = {name for option in document["paths"][path]["post"]["security"]
+                   for name in option}
+        assert schemes == set(document["components"]["securitySchemes"])
     preflight = request(keyed.url + "/event", "OPTIONS", headers={
         "Origin": ORIGIN, "Access-Control-Request-Method": "POST",
         "Access-Control-Request-Headers": "content-type,x-api-key"})
