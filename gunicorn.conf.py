@@ -91,6 +91,7 @@ METRICS_DIR_GIVEN = bool(os.environ.get(METRICS_DIR_ENV))
 def on_starting(server):
     """Give this run's metrics an empty directory, before any worker is forked."""
     if METRICS_DIR_GIVEN:
+        os.makedirs(os.environ[METRICS_DIR_ENV], exist_ok=True)
         for path in glob.glob(os.path.join(os.environ[METRICS_DIR_ENV], "*.db")):
             os.remove(path)
     else:

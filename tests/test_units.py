@@ -16,6 +16,9 @@ from storage.backoff import Backoff
     ({"COLLECTOR_BATCH_SIZE": "true"}, "expected an integer"),
     ({"COLLECTOR_FLUSH_INTERVAL": "nan"}, "COLLECTOR_FLUSH_INTERVAL='nan': expected a number"),
     ({"COLLECTOR_SPOOL_FSYNC": "sometimes"}, "expected one of never, interval, always"),
+    ({"COLLECTOR_CORS_ORIGINS": "https://shop.example.com/"},
+     "COLLECTOR_CORS_ORIGINS='https://shop.example.com/': expected `*` or origins like"),
+    ({"COLLECTOR_API_KEYS": "s3cret key"}, "COLLECTOR_API_KEYS='***': expected keys of"),
     ({}, "DATABASE_URL is not set"),
 ])
 def test_bad_settings_name_the_variable(env, message):
@@ -31,6 +34,16 @@ def test_settings_parse_and_hide_the_password():
                                       "COLLECTOR_SPOOL_FSYNC": "ALWAYS"})
     assert settings.batch_size == 500 and settings.spool_fsync == "always"
     assert "s3cret" not in repr(settings) and "u:***@db" in repr(settings)
+
+
+def test_list_settings_parse_and_keys_stay_hidden():
+    settings = Settings.from_environ({"DATABASE_URL": "postgresql://db/x",
+                                      "COLLECTOR_CORS_ORIGINS": " https://a.example, *,",
+                                      "COLLECTOR_API_KEYS": "k3y-one,k3y-two"})
+    assert settings.cors_origins == ("https://a.example", "*")
+    assert settings.api_keys == ("k3y-one", "k3y-two")
+    assert "k3y" not in repr(settings) and "api_keys=('***', '***')" in repr(settings)
+    assert Settings().cors_origins == () and Settings().api_keys == ()  # both off by default
 
 
 def test_every_setting_has_a_field_and_help():
