@@ -35,12 +35,12 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = prometheus_client.CollectorRegistry(auto_describe=True)
 
-        def counter(name: str, help: str, labels: tuple[str, ...] = ()):
-            return prometheus_client.Counter(name, help, labels, namespace=NAMESPACE,
+        def counter(name: str, text: str, labels: tuple[str, ...] = ()):
+            return prometheus_client.Counter(name, text, labels, namespace=NAMESPACE,
                                              registry=self.registry)
 
-        def gauge(name: str, help: str, mode: str):
-            return prometheus_client.Gauge(name, help, namespace=NAMESPACE,
+        def gauge(name: str, text: str, mode: str):
+            return prometheus_client.Gauge(name, text, namespace=NAMESPACE,
                                            registry=self.registry, multiprocess_mode=mode)
 
         self.requests = counter("http_requests", "HTTP requests answered, by route, method "

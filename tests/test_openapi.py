@@ -57,6 +57,7 @@ def accepted_ids(path: str, body: dict) -> list[str]:
     return [item["event_id"] for item in body["accepted"]]
 
 
+@pytest.mark.slow
 def test_fuzzed_requests_get_documented_answers_and_lose_no_event(server):
     collector, database = server
     schema = schemathesis.openapi.from_url(collector.url + "/openapi.json",
