@@ -79,7 +79,7 @@ SETTINGS = (
             "ceiling of the backoff between retries while PostgreSQL is unavailable",
             minimum=0.01),
     Setting("log_level", "COLLECTOR_LOG_LEVEL", "choice", "info",
-            "level of the application log (JSON lines on stderr)", choices=LOG_LEVELS),
+            "level of the application log", choices=LOG_LEVELS),
     Setting("cors_origins", "COLLECTOR_CORS_ORIGINS", "list", "",
             "comma-separated origins whose browser pages may POST events (CORS), or `*` "
             "for any; empty: CORS off",
