@@ -2,10 +2,13 @@
 
 Keep this file free of project imports: it is read by the master before gevent's
 monkey-patching, and anything it imports would be imported unpatched (pitfall 8).
-The hooks import nothing; they reach the app gunicorn loaded in the worker.
+The hooks import nothing of the project; they reach the app gunicorn loaded in the worker.
 """
 
+import glob
 import os
+import shutil
+import tempfile
 
 # --- The application --------------------------------------------------------
 wsgi_app = "collector.app:get_app()"
@@ -37,13 +40,17 @@ keepalive = 15
 graceful_timeout = 30
 
 # --- Logging ----------------------------------------------------------------
-# gunicorn owns the handlers; the app's loggers (collector.*, storage.*) share its
-# error stream and format, which includes the pid. Access logs: set ACCESS_LOG=1.
+# gunicorn owns the handlers; the app's loggers (collector.*, storage.*) and gunicorn's
+# own write JSON lines to stderr: {"level", "logger", "pid", "message", "time"} (plus
+# "exc_info" with a traceback). Nothing is logged per event at info.
+# Access logs (ACCESS_LOG=1) go to stdout in Apache's combined format, except that
+# the user field is always "-": a Basic auth user name is a write key here.
 loglevel = os.environ.get("COLLECTOR_LOG_LEVEL", "info")
 _level = loglevel.upper()
 accesslog = "-" if os.environ.get("ACCESS_LOG") else None
 logger_class = "collector.logs.GunicornLogger"
 _access_handlers = ["access_stream"] if os.environ.get("ACCESS_LOG") else ["discard"]
+access_log_format = '%(h)s %(l)s - %(t)s "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s"'
 logconfig_dict = {
     "version": 1,
     "disable_existing_loggers": False,
@@ -55,14 +62,18 @@ logconfig_dict = {
         "storage": {"level": _level, "handlers": ["error_stream"], "propagate": False},
     },
     "handlers": {
-        "error_stream": {"class": "logging.StreamHandler", "formatter": "plain",
+        "error_stream": {"class": "logging.StreamHandler", "formatter": "json",
                          "stream": "ext://sys.stderr"},
-        "access_stream": {"class": "logging.StreamHandler", "formatter": "plain",
+        "access_stream": {"class": "logging.StreamHandler", "formatter": "access",
                           "stream": "ext://sys.stdout"},
         "discard": {"class": "logging.NullHandler"},
     },
     "formatters": {
-        "plain": {"format": "%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s"},
+        "json": {"()": "pythonjsonlogger.json.JsonFormatter",
+                 "fmt": "%(levelname)s %(name)s %(process)d %(message)s",
+                 "rename_fields": {"levelname": "level", "name": "logger", "process": "pid"},
+                 "timestamp": "time"},  # ISO 8601, UTC, microseconds
+        "access": {"format": "%(message)s"},
     },
 }
 # A control socket per user ($HOME/.gunicorn/gunicorn.ctl) would be shared by every
@@ -70,7 +81,40 @@ logconfig_dict = {
 control_socket_disable = True
 
 
+# --- Metrics --------------------------------------------------------------------
+# prometheus-client's multiprocess mode: each worker writes its metrics to files in
+# PROMETHEUS_MULTIPROC_DIR, which must be set before a worker imports prometheus_client
+# and be empty at each start. Unset, each run gets a directory of its own (on_starting).
+METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+METRICS_DIR_GIVEN = bool(os.environ.get(METRICS_DIR_ENV))
+
+
 # --- Hooks --------------------------------------------------------------------
+def on_starting(server):
+    """Give this run's metrics an empty directory, before any worker is forked."""
+    if METRICS_DIR_GIVEN:
+        os.makedirs(os.environ[METRICS_DIR_ENV], exist_ok=True)
+        for path in glob.glob(os.path.join(os.environ[METRICS_DIR_ENV], "*.db")):
+            os.remove(path)
+    else:
+        os.environ[METRICS_DIR_ENV] = tempfile.mkdtemp(prefix="firehose-metrics-")
+
+
+def on_exit(server):
+    """Remove the metrics directory this run made."""
+    if not METRICS_DIR_GIVEN:
+        shutil.rmtree(os.environ[METRICS_DIR_ENV], ignore_errors=True)
+
+
+def child_exit(server, worker):
+    """Drop a dead worker's gauges from /metrics; its counters still count."""
+    # Imported here, in the master, only once a worker has exited. gunicorn has already
+    # imported ssl and threading, and prometheus_client holds no lock across a greenlet
+    # switch, so the copy later workers inherit is safe under gevent (pitfall 8).
+    from prometheus_client import multiprocess
+    multiprocess.mark_process_dead(worker.pid)
+
+
 def post_worker_init(worker):
     """Start the worker's spool and flusher, after the fork and gevent's patching."""
     worker.wsgi.pipeline.start(lambda: worker.alive)

@@ -11,10 +11,15 @@ import sys
 import falcon
 import gevent
 
+from collector.auth import WriteKeyAuth
+from collector.cors import cors_middleware
 from collector.errors import serialize_error
+from collector.metrics import RequestCounter
+from collector.openapi import openapi_document
 from collector.pipeline import Pipeline
 from collector.queries import CountResource, EventQueryResource
-from collector.resources import EventBatchResource, EventResource, HealthResource, ReadyResource
+from collector.resources import (EventBatchResource, EventResource, HealthResource,
+                                 MetricsResource, OpenApiResource, ReadyResource)
 from collector.routing import SharedRoute
 from collector.settings import Settings, SettingsError
 from collector.validation import EventValidator
@@ -38,8 +43,12 @@ def create_app(settings: Settings, pipeline: Pipeline | None = None) -> Collecto
     """Wire the resources to their routes around a pipeline (built from settings if absent)."""
     pipeline = pipeline or Pipeline(settings)
     validator = EventValidator(settings.max_metadata_depth)
+    # Every answer is counted, carries the CORS headers, and only then is a key checked.
+    middleware = [RequestCounter(pipeline.stats), cors_middleware(settings.cors_origins),
+                  WriteKeyAuth(settings.api_keys) if settings.api_keys else None]
     # No media handlers and no form parsing: bodies are read and parsed by us, with limits.
-    app = CollectorApp(media_type=falcon.MEDIA_JSON)
+    app = CollectorApp(media_type=falcon.MEDIA_JSON,
+                       middleware=[m for m in middleware if m is not None])
     app.req_options.auto_parse_form_urlencoded = False
     app.set_error_serializer(serialize_error)
     app.add_route("/event", EventResource(pipeline, validator, settings.max_event_bytes))
@@ -52,6 +61,8 @@ def create_app(settings: Settings, pipeline: Pipeline | None = None) -> Collecto
     app.add_route("/counts", CountResource(CountReader(reads), settings.rollup_keys))
     app.add_route("/health", HealthResource(pipeline))
     app.add_route("/ready", ReadyResource(pipeline))
+    app.add_route("/metrics", MetricsResource(pipeline.stats.metrics))
+    app.add_route("/openapi.json", OpenApiResource(openapi_document(settings)))
     app.pipeline = pipeline
     return app
 

@@ -187,12 +187,14 @@ class Flusher:
     def _write(self, events: list[Event]) -> WriteResult:
         """Write a batch, retrying with backoff until it is durable (or the drain ends)."""
         while True:
+            started = time.monotonic()
             try:
                 result = self._writer.write(events)
             except WriteDeferred as ex:
                 self._deferred(ex, len(events))
                 continue
             now = time.monotonic()
+            self._stats.count_write(len(events), now - started)
             lasted = self._backoff.reset(now)
             if self._stats.database_up is False:
                 logger.warning("database available again after %.1f s; backlog %d events",
@@ -206,9 +208,7 @@ class Flusher:
         """Note a failed attempt, log state changes, and wait before the next one."""
         now = time.monotonic()
         stats = self._stats
-        stats.retried += 1
-        stats.last_error = str(ex)
-        stats.last_error_kind = ex.failure.value
+        stats.count_retry(str(ex), ex.failure.value)
         systemic = ex.failure is WriteFailure.SYSTEMIC
         if stats.database_up is not False:
             stats.database_up = False
@@ -236,11 +236,4 @@ class Flusher:
             logger.warning("backlog of %d events caught up in %.1f s (%d events/s)",
                            backlog, seconds, backlog / seconds)
             self._catch_up = None
-        durable = result.inserted + result.duplicates
-        stats.flushed += durable
-        stats.duplicates += result.duplicates
-        stats.dead_lettered += result.dead_lettered
-        if replayed:
-            stats.replayed += durable + result.dead_lettered
-        stats.batches += 1
-        stats.last_flush_at = time.time()
+        stats.count_flushed(result, replayed, time.time())

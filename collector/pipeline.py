@@ -32,6 +32,7 @@ READY_SPOOL_FRACTION = 0.9  # past this share of its disk budget the worker is n
 SHUTDOWN_POLL = 0.1  # seconds between looks at gunicorn's worker.alive
 SHUTDOWN_MARGIN = 2.0  # seconds kept free before gunicorn's SIGKILL
 MAINTENANCE_STATEMENT_TIMEOUT = 60.0  # seconds for one partition step (moving strays)
+GAUGE_INTERVAL = 1.0  # seconds between updates of the backlog gauges of /metrics
 
 
 class Pipeline:
@@ -78,12 +79,13 @@ class Pipeline:
         self.started = True
         if worker_alive is not None:
             gevent.spawn(self._watch_for_shutdown, worker_alive)
+        gevent.spawn(self._publish_gauges)
         logger.info("pipeline started: spool %s, %r", self.spool.directory, self.settings)
 
     def accept(self, events: list[Event]) -> None:
         """Make events durable in the spool and queue them; raise SpoolFull when out of room."""
         self.queue.put(events)
-        self.stats.accepted += len(events)
+        self.stats.count_accepted(len(events))
 
     def stop(self, graceful_timeout: float) -> None:
         """Flush what is queued until gunicorn's graceful timeout nears; the spool keeps the rest."""
@@ -100,6 +102,12 @@ class Pipeline:
         else:
             logger.warning("stopped with %d events not flushed; they stay in spool %s "
                            "for the next worker", self.queue.pending, self.spool.directory)
+
+    def _publish_gauges(self) -> None:
+        # Any worker may answer /metrics, so each one keeps its own gauges current.
+        while True:
+            self.stats.sample(self.queue.depth, self.queue.pending, self.spool.bytes)
+            gevent.sleep(GAUGE_INTERVAL)
 
     def _watch_for_shutdown(self, worker_alive: Callable[[], bool]) -> None:
         while worker_alive():

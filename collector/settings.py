@@ -33,6 +33,7 @@ class Setting:
     help: str
     minimum: float | None = None
     choices: tuple[str, ...] = ()
+    item: tuple[str, str] | None = None  # a list item's (regular expression, rule)
 
 
 SETTINGS = (
@@ -84,7 +85,7 @@ SETTINGS = (
     Setting("read_pool_size", "COLLECTOR_READ_POOL_SIZE", "int", 4,
             "read connections per worker, apart from the flusher's; more reads at once wait",
             minimum=1),
-    Setting("rollup_keys", "COLLECTOR_ROLLUP_KEYS", "list", (),
+    Setting("rollup_keys", "COLLECTOR_ROLLUP_KEYS", "list", "",
             "comma-separated metadata keys whose values GET /counts can count by "
             "(counted from when first configured)"),
     Setting("partition_interval", "COLLECTOR_PARTITION_INTERVAL", "choice", "month",
@@ -95,16 +96,31 @@ SETTINGS = (
             "0 keeps everything", minimum=0),
     Setting("log_level", "COLLECTOR_LOG_LEVEL", "choice", "info",
             "level of the application log", choices=LOG_LEVELS),
+    Setting("cors_origins", "COLLECTOR_CORS_ORIGINS", "list", "",
+            "comma-separated origins whose browser pages may POST events (CORS), or `*` "
+            "for any; empty: CORS off",
+            item=(r"\*|https?://[^/\s]+", "`*` or origins like https://shop.example.com "
+                                          "(scheme and host, no path)")),
+    Setting("api_keys", "COLLECTOR_API_KEYS", "list", "",
+            "comma-separated write keys; when set, POST /event and /events need one in "
+            "X-API-Key, `Authorization: Bearer KEY` or `Authorization: Basic` (key as "
+            "user name); empty: no key needed",
+            item=(r"[!-~]+", "keys of printable ASCII characters")),
 )
 
+SECRET_FIELDS = ("api_keys",)  # shown as *** in repr and logs
 
-_DEFAULTS = {setting.field: setting.default for setting in SETTINGS}
+
+def _default(setting: Setting) -> Any:
+    """Return a setting's default as the type it is parsed to."""
+    return _parse(setting, setting.default) if setting.kind == "list" else setting.default
 
 
 def _parse(setting: Setting, raw: str) -> Any:
     """Turn one raw environment value into its typed value, or raise SettingsError."""
     def fail(rule: str) -> SettingsError:
-        return SettingsError(f"{setting.env}={raw!r}: expected {rule}")
+        shown = "'***'" if setting.field in SECRET_FIELDS else repr(raw)
+        return SettingsError(f"{setting.env}={shown}: expected {rule}")
 
     if setting.kind == "int":
         # int() accepts "1_000" and " 7 "; a setting should be plain digits.
@@ -124,13 +140,21 @@ def _parse(setting: Setting, raw: str) -> Any:
             raise fail("one of " + ", ".join(setting.choices))
         return value
     elif setting.kind == "list":
-        return tuple(item.strip() for item in raw.split(",") if item.strip())
+        items = tuple(item.strip() for item in raw.split(",") if item.strip())
+        if setting.item is not None:
+            pattern, rule = setting.item
+            if not all(re.fullmatch(pattern, item) for item in items):
+                raise fail(rule)
+        return items
     else:
         return raw
     if setting.minimum is not None and value < setting.minimum:
         noun = "an integer" if setting.kind == "int" else "a number"
         raise fail(f"{noun} >= {setting.minimum:g}")
     return value
+
+
+_DEFAULTS = {setting.field: _default(setting) for setting in SETTINGS}
 
 
 def _redact(url: str | None) -> str | None:
@@ -171,6 +195,8 @@ class Settings:
     partition_interval: str = _DEFAULTS["partition_interval"]
     retention_days: int = _DEFAULTS["retention_days"]
     log_level: str = _DEFAULTS["log_level"]
+    cors_origins: tuple[str, ...] = _DEFAULTS["cors_origins"]
+    api_keys: tuple[str, ...] = _DEFAULTS["api_keys"]
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] = os.environ,
@@ -192,5 +218,7 @@ class Settings:
             value = getattr(self, field.name)
             if field.name == "database_url":
                 value = _redact(value)
+            elif field.name in SECRET_FIELDS:
+                value = tuple("***" for _ in value)
             shown.append(f"{field.name}={value!r}")
         return "Settings(" + ", ".join(shown) + ")"

@@ -55,6 +55,8 @@ CASES = [
     ("timestamp date only", event_with(timestamp="2024-05-01"), 400, "timestamp", None),
     ("timestamp number", event_with(timestamp=1714564800), 400, "timestamp", None),
     ("timestamp missing", without("timestamp"), 400, "timestamp", None),
+    ("timestamp before year 1 in UTC", event_with(timestamp="0001-01-01T00:30:00+01:00"), 400,
+     "timestamp", None),
     ("metadata array", event_with(metadata=[1]), 400, "metadata", None),
     ("metadata string", event_with(metadata="x"), 400, "metadata", None),
     ("metadata null", event_with(metadata=None), 400, "metadata", None),

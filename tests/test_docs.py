@@ -13,7 +13,8 @@ def test_every_setting_is_in_the_readme_table_with_its_default():
             re.finditer(r"^\| `([A-Z_]+)` \| ([^|]+) \|", README.read_text(), re.MULTILINE)}
     for setting in SETTINGS:
         assert setting.env in rows, f"{setting.env} is missing from README.md"
-        expected = "(required)" if setting.default is None else f"`{setting.default}`"
+        expected = ("(required)" if setting.default is None
+                    else "(empty)" if setting.default == "" else f"`{setting.default}`")
         assert rows[setting.env].strip() == expected, setting.env
 
 

@@ -37,6 +37,17 @@ def test_timestamp_without_offset_is_utc(collector, database):
     assert stored == "2024-05-01 12:00:00"
 
 
+def test_offset_past_postgresql_range_is_stored_as_its_instant(collector, database):
+    # RFC 3339 allows offsets up to 23:59; PostgreSQL's timestamptz input only to 15:59.
+    answer = post_json(collector.url + "/event", make_event(timestamp="2024-05-01T12:00:00-19:21"))
+    assert answer.status == 202
+    wait_until(lambda: database.count() == 1, 10, "the event's row")
+    stored = database.query("SELECT to_char(\"timestamp\" AT TIME ZONE 'UTC', "
+                            "'YYYY-MM-DD HH24:MI:SS') FROM events")[0][0]
+    assert stored == "2024-05-02 07:21:00"
+    assert database.count("dead_letters") == 0
+
+
 def test_server_assigns_event_id_when_absent(collector, database):
     event = make_event()
     del event["event_id"]

@@ -19,6 +19,9 @@ from storage.backoff import Backoff
     ({"COLLECTOR_PARTITION_INTERVAL": "week"}, "expected one of month, day"),
     ({"COLLECTOR_RETENTION_DAYS": "-1"}, "COLLECTOR_RETENTION_DAYS='-1': expected an integer >= 0"),
     ({"COLLECTOR_READ_POOL_SIZE": "0"}, "expected an integer >= 1"),
+    ({"COLLECTOR_CORS_ORIGINS": "https://shop.example.com/"},
+     "COLLECTOR_CORS_ORIGINS='https://shop.example.com/': expected `*` or origins like"),
+    ({"COLLECTOR_API_KEYS": "s3cret key"}, "COLLECTOR_API_KEYS='***': expected keys of"),
     ({}, "DATABASE_URL is not set"),
 ])
 def test_bad_settings_name_the_variable(env, message):
@@ -38,6 +41,16 @@ def test_settings_parse_and_hide_the_password():
                                   "COLLECTOR_ROLLUP_KEYS": " page, country ,,"})
     assert keys.rollup_keys == ("page", "country")
     assert "s3cret" not in repr(settings) and "u:***@db" in repr(settings)
+
+
+def test_list_settings_parse_and_keys_stay_hidden():
+    settings = Settings.from_environ({"DATABASE_URL": "postgresql://db/x",
+                                      "COLLECTOR_CORS_ORIGINS": " https://a.example, *,",
+                                      "COLLECTOR_API_KEYS": "k3y-one,k3y-two"})
+    assert settings.cors_origins == ("https://a.example", "*")
+    assert settings.api_keys == ("k3y-one", "k3y-two")
+    assert "k3y" not in repr(settings) and "api_keys=('***', '***')" in repr(settings)
+    assert Settings().cors_origins == () and Settings().api_keys == ()  # both off by default
 
 
 def test_every_setting_has_a_field_and_help():
