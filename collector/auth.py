@@ -74,7 +74,11 @@ class WriteKeyAuth:
 
     def process_resource(self, req: falcon.Request, resp: falcon.Response,
                          resource: object, params: dict) -> None:
-        if req.method != "POST" or not getattr(resource, "write_key_required", False):
+        if req.method != "POST":
+            return
+        # Ask the object whose responder answers (a SharedRoute only borrows it).
+        owner = getattr(getattr(resource, "on_post", None), "__self__", resource)
+        if not getattr(owner, "write_key_required", False):
             return
         key = presented_key(req)
         if key is None:

@@ -57,7 +57,7 @@ class Pipeline:
         self.maintenance = Maintenance(
             functools.partial(database.connect, settings.database_url,
                               MAINTENANCE_STATEMENT_TIMEOUT, settings.lock_timeout,
-                              application_name="firehose-maintenance"),
+                              application_name="firehose-maintenance", autocommit=False),
             settings.rollup_keys, settings.partition_interval, settings.retention_days)
         self.started = False
         self.shutdown_began: float | None = None

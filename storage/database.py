@@ -22,8 +22,15 @@ APPLICATION_NAME = "firehose"
 
 
 def connect(dsn: str, statement_timeout: float, lock_timeout: float,
-            application_name: str = APPLICATION_NAME) -> psycopg2.extensions.connection:
-    """Open a connection whose statements and lock waits are bounded by the server."""
+            application_name: str = APPLICATION_NAME,
+            autocommit: bool = True) -> psycopg2.extensions.connection:
+    """Open a connection whose statements and lock waits are bounded by the server.
+
+    Autocommit by default: each write is one statement, atomic by itself, and
+    autocommit spares the BEGIN and COMMIT round trips (under load every round trip
+    waits for the worker's other greenlets to take their turn). Work of several
+    statements (partition maintenance) asks for transactions instead.
+    """
     params = psycopg2.extensions.parse_dsn(dsn)
     _resolve_host(params)
     options = " ".join(filter(None, [
@@ -43,10 +50,7 @@ def connect(dsn: str, statement_timeout: float, lock_timeout: float,
         tcp_user_timeout=user_timeout_ms,
         **params,
     )
-    # Each write is one statement, atomic by itself: autocommit spares the BEGIN and
-    # COMMIT round trips, and under load every round trip waits for the worker's
-    # other greenlets to take their turn.
-    conn.autocommit = True
+    conn.autocommit = autocommit
     return conn
 
 
@@ -78,3 +82,5 @@ def ensure_schema(conn: psycopg2.extensions.connection) -> None:
     sql = SCHEMA_PATH.read_text().replace("%", "%%")
     with conn.cursor() as cur:
         cur.execute("SELECT pg_advisory_xact_lock(%s);\n" + sql, (SCHEMA_LOCK_KEY,))
+    if not conn.autocommit:
+        conn.commit()

@@ -105,7 +105,9 @@ def middle_key(database) -> Key:
 EVENT_QUERIES = {
     "newest": lambda key: EventFilter(),
     "user": lambda key: EventFilter(user_id=42),
-    "metadata, common": lambda key: EventFilter(metadata='{"page": "/p/7"}'),
+    # A metadata value most rows of a partition share is not here: for it a sequential
+    # scan of that partition is a right plan too, and the planner's pick between the two
+    # changed with the statistics from run to run.
     "metadata, rare": lambda key: EventFilter(metadata='{"campaign": "x"}'),
     "one day": lambda key: EventFilter(since=DAY_AGO, until=NOW),
     "page 1500": lambda key: EventFilter(after=key),
