@@ -13,6 +13,7 @@ import re
 import time
 
 from bench.processes import BenchError, Child, free_port, tail, wait_until
+from tests.processes import children
 
 START_TIMEOUT = 60.0
 HEALTH_TIMEOUT = 5.0  # seconds for one /health request
@@ -73,19 +74,7 @@ class Firehose:
 
     def worker_pids(self) -> list[int]:
         """Return the pids of the master's live worker processes."""
-        if not self.child.running():
-            return []
-        pids = []
-        for entry in pathlib.Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == self.child.pid and fields[0] != "Z":
-                pids.append(int(entry.name))
-        return sorted(pids)
+        return children(self.child.pid) if self.child.running() else []
 
     def _health_once(self) -> dict:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=HEALTH_TIMEOUT)

@@ -4,7 +4,6 @@ gunicorn loads `collector.app:get_app()` in each worker (gunicorn.conf.py), and 
 hooks start and stop the worker's pipeline (`app.pipeline`).
 """
 
-import functools
 import logging
 import sys
 
@@ -72,8 +71,10 @@ def create_app(settings: Settings, pipeline: Pipeline | None = None) -> Collecto
 def _read_pool(settings: Settings) -> ReadPool:
     """Build the worker's read connections; each round trip is bounded client-side too."""
     seconds = max(settings.read_timeout, settings.connect_timeout) + READ_MARGIN
-    bound = functools.partial(gevent.Timeout, seconds,
-                              OperationTimedOut(f"no answer in {seconds:g} s"))
+    def bound() -> gevent.Timeout:
+        # A fresh exception each time: greenlets reading at once must not share one.
+        return gevent.Timeout(seconds, OperationTimedOut(f"no answer in {seconds:g} s"))
+
     return ReadPool(settings.database_url, settings.read_pool_size, settings.read_timeout,
                     wait_timeout=settings.read_timeout, bound=bound)
 

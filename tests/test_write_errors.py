@@ -1,12 +1,11 @@
 """Write errors classified by SQLSTATE, from real PostgreSQL errors, and a broken deployment."""
 
-import threading
 
 import psycopg2
 import pytest
 
 from storage.errors import OperationTimedOut, WriteFailure, classify_error
-from tests.client import make_event, post_stream
+from tests.client import post_stream
 from tests.polling import wait_until
 
 
