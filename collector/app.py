@@ -21,7 +21,6 @@ from collector.resources import (EventBatchResource, EventResource, HealthResour
                                  MetricsResource, OpenApiResource, ReadyResource)
 from collector.routing import SharedRoute
 from collector.settings import Settings, SettingsError
-from collector.turns import TakeTurns
 from collector.validation import EventValidator
 from storage.errors import OperationTimedOut
 from storage.reader import EventReader
@@ -44,7 +43,7 @@ def create_app(settings: Settings, pipeline: Pipeline | None = None) -> Collecto
     pipeline = pipeline or Pipeline(settings)
     validator = EventValidator(settings.max_metadata_depth)
     # Every answer is counted, carries the CORS headers, and only then is a key checked.
-    middleware = [TakeTurns(), RequestCounter(pipeline.stats),
+    middleware = [RequestCounter(pipeline.stats),
                   cors_middleware(settings.cors_origins),
                   WriteKeyAuth(settings.api_keys) if settings.api_keys else None]
     # No media handlers and no form parsing: bodies are read and parsed by us, with limits.
