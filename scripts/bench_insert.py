@@ -1,6 +1,7 @@
-"""Measure the insert path: rows/s of BatchWriter.write with 1000-row execute_values batches.
+"""Measure the insert path: rows/s of BatchWriter.write with 1000-row batches.
 
     DATABASE_URL=postgresql://... python scripts/bench_insert.py --reset [--batches 200]
+    ... --statement both   # the JSON parameter (what Firehose uses) against execute_values
 
 It DROPS the Firehose tables of that database first (--reset is required), applies the
 schema of the code on PYTHONPATH, and writes batches of events stamped around now
@@ -21,7 +22,7 @@ import uuid
 import psycopg2
 
 from storage import database
-from storage.writer import BatchWriter
+from storage.writer import STATEMENTS, BatchWriter
 
 try:
     from storage import partitions
@@ -66,6 +67,26 @@ def prepare(dsn: str, without_trigger: bool, without_gin: bool, keys: list[str])
     conn.close()
 
 
+def measure(dsn: str, statement: str, batches: list[list[tuple]]) -> None:
+    """Write the batches with one statement form; print rows/s and the client's CPU."""
+    writer = BatchWriter(lambda: database.connect(dsn, 60, 10), statement=statement)
+    writer.prepare()
+    per_batch = []
+    started, cpu_started = time.monotonic(), time.process_time()
+    for batch in batches:
+        before = time.monotonic()
+        result = writer.write(batch)
+        per_batch.append(time.monotonic() - before)
+        assert result.inserted == BATCH_SIZE, result
+    elapsed, cpu = time.monotonic() - started, time.process_time() - cpu_started
+    writer.close()
+    rows = len(batches) * BATCH_SIZE
+    print(f"{statement:6}: {rows} rows in {elapsed:.2f} s: {rows / elapsed:,.0f} rows/s; "
+          f"per batch median {statistics.median(per_batch) * 1000:.1f} ms, "
+          f"p95 {sorted(per_batch)[int(len(per_batch) * 0.95)] * 1000:.1f} ms; "
+          f"client CPU {cpu / len(batches) * 1000:.1f} ms per batch")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -74,6 +95,9 @@ def main() -> int:
     parser.add_argument("--without-trigger", action="store_true")
     parser.add_argument("--without-gin", action="store_true")
     parser.add_argument("--rollup-keys", default="", help="comma-separated metadata keys")
+    parser.add_argument("--statement", choices=STATEMENTS + ("both",), default="json",
+                        help="the INSERT's form: one JSON parameter, execute_values, or both "
+                             "in turn (default json)")
     args = parser.parse_args()
     dsn = os.environ.get("DATABASE_URL")
     if not dsn or not args.reset:
@@ -81,23 +105,11 @@ def main() -> int:
               file=sys.stderr)
         return 2
     keys = [k for k in args.rollup_keys.split(",") if k]
-    prepare(dsn, args.without_trigger, args.without_gin, keys)
-    writer = BatchWriter(lambda: database.connect(dsn, 60, 10))
-    writer.prepare()
     batches = [make_batch(time.time()) for _ in range(args.batches)]
-    per_batch = []
-    started = time.monotonic()
-    for batch in batches:
-        before = time.monotonic()
-        result = writer.write(batch)
-        per_batch.append(time.monotonic() - before)
-        assert result.inserted == BATCH_SIZE, result
-    elapsed = time.monotonic() - started
-    writer.close()
-    rows = args.batches * BATCH_SIZE
-    print(f"{rows} rows in {elapsed:.2f} s: {rows / elapsed:,.0f} rows/s; per batch median "
-          f"{statistics.median(per_batch) * 1000:.1f} ms, "
-          f"p95 {sorted(per_batch)[int(len(per_batch) * 0.95)] * 1000:.1f} ms")
+    statements = STATEMENTS if args.statement == "both" else (args.statement,)
+    for statement in statements:
+        prepare(dsn, args.without_trigger, args.without_gin, keys)
+        measure(dsn, statement, batches)
     return 0
 
 

@@ -1,10 +1,15 @@
-"""Write errors classified by SQLSTATE, from real PostgreSQL errors, and a broken deployment."""
+"""Write errors classified by SQLSTATE, from real PostgreSQL errors, and a broken deployment;
+the writer's two INSERT forms, side by side."""
 
+import json
+import uuid
 
 import psycopg2
 import pytest
 
+from storage import database as storage_database
 from storage.errors import OperationTimedOut, WriteFailure, classify_error
+from storage.writer import STATEMENTS, BatchWriter, WriteResult
 from tests.client import post_stream
 from tests.polling import wait_until
 
@@ -89,3 +94,37 @@ def test_missing_table_is_reported_and_retried(start_collector, database):
     database.query("ALTER TABLE events_moved RENAME TO events")
     wait_until(lambda: database.count() == 200, 30, "the 200 rows once the table is back")
     assert set(database.event_ids()) == set(result.accepted)
+
+
+def writer_rows(count: int) -> list[tuple]:
+    """Rows as the flusher hands them over, with text jsonb must keep exactly."""
+    return [(str(uuid.uuid4()), index, f"2024-05-01T12:00:{index % 60:02d}+00:00",
+             json.dumps({"index": index, "text": "é \\ \" ☃", "big": 12345678901234567,
+                         "nested": {"a": [1, 2.5, None, True]}}), 1714564800.25 + index)
+            for index in range(count)]
+
+
+@pytest.mark.parametrize("statement", STATEMENTS)
+def test_both_insert_forms_store_the_same_rows_and_dead_letter_alike(database, statement):
+    database.query("DROP TABLE IF EXISTS events CASCADE")
+    writer = BatchWriter(lambda: storage_database.connect(database.url, 10, 5),
+                         statement=statement)
+    writer.prepare()
+    database.query("ALTER TABLE events ADD CONSTRAINT no_poison "
+                   "CHECK (NOT metadata @> '{\"index\": 7}')")
+    rows = writer_rows(20)
+    try:
+        assert writer.write(rows) == WriteResult(19, 0, 1)
+        assert writer.write(rows[:5]) == WriteResult(0, 5, 0)  # a replay is stored once
+    finally:
+        writer.close()
+    stored = database.query(
+        "SELECT event_id::text, user_id, \"timestamp\", metadata::text, received_at "
+        "FROM events ORDER BY user_id")
+    expected = [row for row in rows if row[1] != 7]
+    assert [(r[0], r[1]) for r in stored] == [(r[0], r[1]) for r in expected]
+    assert [json.loads(r[3]) for r in stored] == [json.loads(r[3]) for r in expected]
+    assert [r[2].timestamp() for r in stored] == [1714564800 + i % 60 for _, i, *_ in expected]
+    assert [r[4].timestamp() for r in stored] == [r[4] for r in expected]
+    dead = database.query("SELECT event_id::text, error_code FROM dead_letters")
+    assert dead == [(rows[7][0], "23514")]
