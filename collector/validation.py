@@ -142,12 +142,19 @@ class EventValidator:
                 field="metadata", limit="max_metadata_depth")
 
 
-NUMBER_RISK = re.compile(rb"[eE][+-]?[0-9]{3}|[0-9]{19}")
+# Numbers a double may not hold: an exponent of 3 digits or more, or 19 digits in a
+# row (the regex [eE][+-]?[0-9]{3}|[0-9]{19}). Found in the metadata with every digit
+# read as 0 and E as e: bytes.translate and four substring searches take a sixth of
+# that regex's time, which was a third of a worker's CPU on batches (py-spy).
+DIGITS_AS_ZERO = bytes.maketrans(b"123456789E", b"000000000e")
+LONG_NUMBER = b"0" * 19
 
 
 def _may_overflow(metadata: bytes) -> bool:
     """Tell whether metadata may hold a number too large to check without decoding it."""
-    return NUMBER_RISK.search(metadata) is not None
+    masked = metadata.translate(DIGITS_AS_ZERO)
+    return (b"e000" in masked or b"e+000" in masked or b"e-000" in masked
+            or LONG_NUMBER in masked)
 
 
 def _depth(value: object) -> int:

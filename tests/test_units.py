@@ -1,10 +1,11 @@
-"""Pieces with no server: settings, backoff schedule, spool records."""
+"""Pieces with no server: settings, backoff schedule, spool records, validation's prefilter."""
 
 import random
 
 import msgspec
 import pytest
 
+from collector import validation
 from collector.settings import SETTINGS, Settings, SettingsError
 from collector.spool import Spool, encode_record, read_records
 from storage.backoff import Backoff
@@ -97,3 +98,13 @@ def test_spool_reads_back_in_order_and_frees_released_segments(tmp_path):
         assert spool.bytes < used
     finally:
         spool.close()
+
+
+@pytest.mark.parametrize("metadata, risky", [
+    (b'{"x": 1e400}', True), (b'{"x": -2.5E+308}', True), (b'{"x": 1e-999}', True),
+    (b'{"x": 1234567890123456789}', True), (b'{"id": "9999999999999999999"}', True),
+    (b'{"x": 1e99, "w": 1920}', False), (b'{"x": 123456789012345678}', False),
+    (b'{"page": "/e/123", "price": 49.99}', False),
+])
+def test_numbers_past_a_double_are_found_before_decoding(metadata, risky):
+    assert validation._may_overflow(metadata) is risky
