@@ -110,6 +110,9 @@ class WorkerStats:
         self._database_up: bool | None = None  # None until the first write attempt
         self.outage_since: float | None = None
         self.last_catch_up: dict | None = None  # backlog drained after the last outage
+        # The request counter's child per (route, method, status): labels() validates and
+        # locks on every call, a dict lookup does not. Bounded: every part is.
+        self._request_counters: dict[tuple, object] = {}
 
     @property
     def database_up(self) -> bool | None:
@@ -125,7 +128,12 @@ class WorkerStats:
         """Count one answered request (`route` is None for a path with no route)."""
         if method not in falcon.COMBINED_METHODS:
             method = OTHER_METHOD
-        self.metrics.requests.labels(route or UNMATCHED_ROUTE, method, str(status)).inc()
+        key = (route, method, status)
+        counter = self._request_counters.get(key)
+        if counter is None:
+            counter = self.metrics.requests.labels(route or UNMATCHED_ROUTE, method, str(status))
+            self._request_counters[key] = counter
+        counter.inc()
 
     def count_accepted(self, events: int) -> None:
         """Count events answered 202."""
