@@ -2,9 +2,11 @@
 
 It runs with PostgreSQL's default settings, durability included (fsync and
 synchronous_commit on): the committed rate is that of a database that keeps what it
-commits, as in production. Only the port and the data directory are ours.
+commits, as in production. Only the port and the data directory are ours. With
+--pg-nice its processes run at a lower CPU priority (see lower_priority).
 """
 
+import os
 import pathlib
 import threading
 import time
@@ -13,6 +15,7 @@ import psycopg2
 
 from bench.processes import free_port
 from storage.localdb import LocalPostgres
+from tests.processes import children
 
 DATABASE = "firehose_bench"
 SERVER_SETTINGS: dict[str, str] = {}  # PostgreSQL's defaults, see the docstring
@@ -37,6 +40,18 @@ class BenchDatabase:
         """Initialise and start the server, create the database; return its URL."""
         self.url = self.server.start(DATABASE)
         return self.url
+
+    def lower_priority(self, nice: int) -> None:
+        """Run the server and the backends it will fork at this nice value.
+
+        On this one box PostgreSQL, wrk and the workers share two cores. A production
+        database runs elsewhere, or can be given a lower priority than the collector,
+        whose answers wait on CPU while the flusher's writes do not (they grow into
+        larger batches instead).
+        """
+        postmaster = int((self.server.data_dir / "postmaster.pid").read_text().split()[0])
+        for pid in [postmaster, *children(postmaster)]:
+            os.setpriority(os.PRIO_PROCESS, pid, nice)
 
     def stop(self) -> None:
         """Close our connection and stop the server."""

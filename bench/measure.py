@@ -16,6 +16,7 @@ dead letters, a worker restarted, errors in gunicorn's log) becomes a note.
 
 import dataclasses
 import pathlib
+import threading
 import time
 
 from bench.database import BenchDatabase
@@ -24,7 +25,7 @@ from bench.locust_load import run_locust
 from bench.nginx import Nginx
 from bench.processes import BenchError
 from bench.profiler import Profiler
-from bench.scenarios import LOCK_SECONDS, Scenario
+from bench.scenarios import Scenario
 from bench.wrk import run_wrk
 
 POLL_INTERVAL = 0.1  # seconds between row counts while draining
@@ -92,12 +93,14 @@ class ScenarioRunner:
         self.settle()
         self.database.truncate()
         before = self.firehose.accepted_by_worker()
-        lock = profiler = None
+        lock = profiler = sampler = None
         started = time.monotonic()
         try:
             if scenario.lock_table:
-                lock = self.database.lock_events(max(0.0, (self.seconds - LOCK_SECONDS) / 2),
-                                                 LOCK_SECONDS)
+                lock = self.database.lock_events(
+                    max(0.0, (self.seconds - scenario.lock_seconds) / 2), scenario.lock_seconds)
+            if scenario.rss_every:
+                sampler = RssSampler(self.firehose, scenario.rss_every).start()
             if profile and scenario.profile and index == 0:
                 profiler = Profiler(self.tools.py_spy, self.firehose.worker_pids()[0],
                                     self.seconds, self.tools.project / "bench",
@@ -107,6 +110,9 @@ class ScenarioRunner:
             if lock is not None:
                 lock.join()
                 self._note_lock(measurement, lock, started)
+            if sampler is not None:
+                sampler.stop()
+                measurement.notes.extend(sampler.report())
             if profiler is not None:
                 path = profiler.finish()
                 if path is None:
@@ -118,6 +124,8 @@ class ScenarioRunner:
                 lock.cancel()
             if profiler is not None:
                 profiler.stop()
+            if sampler is not None:
+                sampler.stop()
         self._measure_storage(measurement, before, started, ended)
         return measurement
 
@@ -227,3 +235,42 @@ class ScenarioRunner:
             begun, released = lock.held
             measurement.notes.append(f"events locked from {begun - started:.1f} s to "
                                      f"{released - started:.1f} s")
+
+
+class RssSampler:
+    """Samples each worker's resident memory every so often, in a thread, during a run."""
+
+    def __init__(self, firehose: Firehose, every: float) -> None:
+        self.firehose = firehose
+        self.every = every
+        self.samples: list[tuple[float, dict[int, float]]] = []  # (seconds in, pid -> MiB)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, name="rss-sampler", daemon=True)
+
+    def start(self) -> "RssSampler":
+        """Begin sampling (at once, then every `every` seconds)."""
+        self._started = time.monotonic()
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop sampling."""
+        self._stop.set()
+        self._thread.join(10)
+
+    def report(self) -> list[str]:
+        """Return one note per worker: its RSS at each sample, and the growth over the run."""
+        notes = []
+        for pid in sorted({pid for _, sample in self.samples for pid in sample}):
+            series = [(at, sample[pid]) for at, sample in self.samples if pid in sample]
+            values = " ".join(f"{mb:.0f}" for _, mb in series)
+            notes.append(f"worker {pid} RSS MB every {self.every:g} s: {values} "
+                         f"(max {max(mb for _, mb in series):.0f}, last - first "
+                         f"{series[-1][1] - series[0][1]:+.0f})")
+        return notes
+
+    def _sample(self) -> None:
+        while True:
+            self.samples.append((time.monotonic() - self._started, self.firehose.rss_mb()))
+            if self._stop.wait(self.every):
+                return

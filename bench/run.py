@@ -65,6 +65,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              f"(default {DEFAULT_RUNS})")
     parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
                         help=f"gunicorn workers, WEB_CONCURRENCY (default {DEFAULT_WORKERS})")
+    parser.add_argument("--pg-nice", type=int, default=0, metavar="N",
+                        help="run PostgreSQL at this nice value, 0-19 (default 0: the same "
+                             "priority as the collector and wrk)")
     parser.add_argument("--scenario", action="append", default=[], metavar="NAME",
                         help="run only this scenario (repeat or comma-separate for several)")
     parser.add_argument("--quick", action="store_true",
@@ -87,6 +90,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.duration, args.runs = QUICK_DURATION, 1
     if args.duration < 1 or args.runs < 1 or args.workers < 1:
         parser.error("--duration, --runs and --workers must be at least 1")
+    if not 0 <= args.pg_nice <= 19:
+        parser.error("--pg-nice must be from 0 to 19")
     if args.drain_timeout is None:
         args.drain_timeout = max(MIN_DRAIN_TIMEOUT, 3.0 * args.duration)
     return args
@@ -151,6 +156,8 @@ class Bench:
         self.stack.callback(database.stop)
         print(f"bench: starting PostgreSQL in {database.server.data_dir}", flush=True)
         url = database.start()
+        if self.args.pg_nice:
+            database.lower_priority(self.args.pg_nice)
         self.firehose = Firehose(PROJECT, self.root, self.logs, url, self.args.workers)
         self.stack.callback(self.firehose.stop)
         print(f"bench: starting gunicorn ({self.args.workers} workers) on "
@@ -173,7 +180,8 @@ class Bench:
 
         settings = " ".join(f"{k}={v}" for k, v in sorted(self.firehose.settings.items()))
         self.header = report.machine() + [
-            f"software: PostgreSQL {database.version()} (default settings), "
+            f"software: PostgreSQL {database.version()} (default settings"
+            f"{f', nice {self.args.pg_nice}' if self.args.pg_nice else ''}), "
             f"{report.program_version([nginx_binary, '-v']) if nginx_binary else 'no nginx'}, "
             f"{report.program_version([tools.wrk, '--version'])}",
             f"firehose: gunicorn gevent, {self.args.workers} workers, "

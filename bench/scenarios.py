@@ -7,6 +7,8 @@ from bench.locust_load import USERS as LOCUST_USERS
 BATCH_EVENTS = 500  # events in one POST /events of the batch scenario
 BATCH_CONNECTIONS = 20  # enough 250 kB batches in flight to keep both workers busy
 LOCK_SECONDS = 5.0  # how long the lock scenario holds ACCESS EXCLUSIVE on events
+SOAK_LOCK_SECONDS = 60.0  # the soak's lock: long enough to fill every worker's memory queue
+RSS_EVERY = 30.0  # seconds between the soak's samples of each worker's RSS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,7 +21,9 @@ class Scenario:
     connections: int  # wrk connections, or locust users
     path: str = "/event"
     events_per_request: int = 1
-    lock_table: bool = False  # hold LOCK TABLE events for LOCK_SECONDS mid-run
+    lock_table: bool = False  # hold LOCK TABLE events for lock_seconds mid-run
+    lock_seconds: float = LOCK_SECONDS
+    rss_every: float = 0.0  # > 0: sample the workers' RSS this often during the load
     profile: bool = False  # the scenario --profile samples
     locust_processes: int = 0  # 0: wrk drives the load; N: locust with N processes
 
@@ -43,10 +47,17 @@ SCENARIOS = (
              f"{BATCH_CONNECTIONS} connections", "direct", BATCH_CONNECTIONS, path="/events",
              events_per_request=BATCH_EVENTS),
 )
+# Not in the default set: `--scenario soak --duration 600 --runs 1` (10 minutes).
+SOAK_SCENARIOS = (
+    Scenario("soak", f"POST /event, 100 connections for --duration; events locked "
+             f"{SOAK_LOCK_SECONDS:g} s mid-run (memory queues full); RSS every "
+             f"{RSS_EVERY:g} s", "direct", 100, lock_table=True,
+             lock_seconds=SOAK_LOCK_SECONDS, rss_every=RSS_EVERY),
+)
 LOCUST_SCENARIOS = (
     Scenario("locust-1p", "locustfile.py, no think time, 1 locust process", "direct",
              LOCUST_USERS, locust_processes=1),
     Scenario("locust-2p", "locustfile.py, no think time, --processes 2", "direct",
              LOCUST_USERS, locust_processes=2),
 )
-ALL = SCENARIOS + LOCUST_SCENARIOS
+ALL = SCENARIOS + LOCUST_SCENARIOS + SOAK_SCENARIOS
