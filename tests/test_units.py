@@ -1,11 +1,12 @@
-"""Pieces with no server: settings, backoff schedule, spool records, validation's prefilter."""
+"""Pieces with no server: settings, backoff schedule, spool records, validation's prefilter,
+the worker's coalesced writes and Date header."""
 
 import random
 
 import msgspec
 import pytest
 
-from collector import validation
+from collector import validation, worker
 from collector.settings import SETTINGS, Settings, SettingsError
 from collector.spool import Spool, encode_record, read_records
 from storage.backoff import Backoff
@@ -108,3 +109,56 @@ def test_spool_reads_back_in_order_and_frees_released_segments(tmp_path):
 ])
 def test_numbers_past_a_double_are_found_before_decoding(metadata, risky):
     assert validation._may_overflow(metadata) is risky
+
+
+class RecordingSocket:
+    """A socket stand-in that records what is sent and which other calls are made."""
+
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+
+    def sendall(self, data: bytes) -> None:
+        self.sent.append(bytes(data))
+
+    def fileno(self) -> int:
+        self.sent.append(b"<fileno>")
+        return 99
+
+
+def test_a_response_head_goes_out_with_its_body_in_order():
+    sock = RecordingSocket()
+    coalescing = worker.CoalescingSocket(sock)
+    coalescing.sendall(b"HTTP/1.1 202 Accepted\r\n\r\n")
+    assert sock.sent == []  # held for the body
+    coalescing.sendall(b'{"status": "accepted"}')
+    coalescing.sendall(b"more")
+    coalescing.flush()
+    assert sock.sent == [b'HTTP/1.1 202 Accepted\r\n\r\n{"status": "accepted"}', b"more"]
+
+
+def test_a_held_head_is_sent_before_any_other_use_of_the_socket():
+    sock = RecordingSocket()
+    coalescing = worker.CoalescingSocket(sock)
+    coalescing.sendall(b"head")
+    assert coalescing.fileno() == 99  # sendfile writes through the descriptor
+    coalescing.flush()
+    assert sock.sent == [b"head", b"<fileno>"]
+    alone = RecordingSocket()
+    headers_only = worker.CoalescingSocket(alone)
+    headers_only.sendall(b"HTTP/1.1 204 No Content\r\n\r\n")
+    headers_only.flush()
+    assert alone.sent == [b"HTTP/1.1 204 No Content\r\n\r\n"]
+
+
+def test_the_date_header_is_formatted_once_a_second():
+    calls = []
+
+    def format_date(timestamp=None):
+        calls.append(timestamp)
+        return f"date {timestamp}"
+
+    date = worker.DateHeader(format_date)
+    first, second = date(), date()
+    assert first == second and len(calls) <= 2  # at most one more, if a second ended between
+    assert isinstance(calls[0], int)
+    assert date(0) == "date 0"  # an explicit time is formatted as asked
