@@ -8,11 +8,12 @@ Four changes, each measured with `make bench` (README, "Performance"):
   while the others waited: p50 under 1 ms beside p99 near a second (pitfall 11). A
   request that arrives without the loop having turned since its connection's last
   answer now waits one turn; one that had to wait for its bytes has had its turn.
-  Each request waits one turn, no more: at 1,000 connections a turn lasts ~100 ms.
+  (At 1,000 connections a turn serves each of a worker's ~500 connections once and
+  lasts 130-165 ms; a request arriving just after a turn began waits nearly two.)
 - New connections are accepted many at a time. gunicorn's worker accepts one per turn
   when there are several workers, so that workers sharing one listening socket share
   its connections. With `reuse_port` each worker listens on a socket of its own, and
-  one accept per ~100 ms turn left hundreds of connections queued for tens of seconds
+  one accept per ~150 ms turn left hundreds of connections queued for tens of seconds
   (wrk's "timeout" errors at 1,000 connections).
 - Each response's head and body go out in one write: gunicorn writes them with two
   `sendall`s, each a syscall and a wakeup of the reader.
