@@ -12,14 +12,14 @@ import resource
 import signal
 import socket
 import subprocess
-import time
 from typing import Callable, TypeVar
+
+from tests import polling
 
 T = TypeVar("T")
 
 STOP_TIMEOUT = 40.0  # seconds a child may take to stop (above gunicorn's graceful_timeout)
 KILL_TIMEOUT = 10.0  # seconds to wait for a process group after SIGKILL
-POLL_INTERVAL = 0.05
 WANTED_OPEN_FILES = 65_536  # 1000 connections need ~1000 fds in wrk and in each worker
 
 
@@ -54,22 +54,11 @@ def port_open(port: int) -> bool:
 
 
 def wait_until(predicate: Callable[[], T], timeout: float, what: str) -> T:
-    """Return the first truthy value of predicate(); raise BenchError naming `what` on timeout."""
-    deadline = time.monotonic() + timeout
-    last: object = None
-    while True:
-        try:
-            last = predicate()
-        except BenchError:
-            raise  # the predicate saw that waiting is pointless (a server exited)
-        except Exception as ex:  # e.g. connection refused while a server starts
-            last = ex
-        else:
-            if last:
-                return last
-        if time.monotonic() > deadline:
-            raise BenchError(f"timed out after {timeout:g} s waiting for {what} (last: {last!r})")
-        time.sleep(POLL_INTERVAL)
+    """Return the first truthy value of predicate(); raise BenchError naming `what` on timeout.
+
+    A BenchError from the predicate (a server exited) ends the wait at once."""
+    return polling.wait_until(predicate, timeout, what, give_up=(BenchError,),
+                              failure=BenchError)
 
 
 def tail(path: pathlib.Path, lines: int = 40) -> str:

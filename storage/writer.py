@@ -195,7 +195,7 @@ def _insert_json(cur: psycopg2.extensions.cursor, rows: Sequence[Row]) -> None:
     """Insert the rows with one JSON parameter."""
     document = msgspec.json.encode([_JsonRow(e, u, t, msgspec.Raw(m), r)
                                     for e, u, t, m, r in rows])
-    cur.execute(INSERT_EVENTS, (document.decode("utf-8", "surrogatepass"),))
+    cur.execute(INSERT_EVENTS, (document.decode(),))
 
 
 def _insert_values(cur: psycopg2.extensions.cursor, rows: Sequence[Row]) -> None:

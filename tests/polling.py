@@ -8,19 +8,24 @@ T = TypeVar("T")
 POLL_INTERVAL = 0.05
 
 
-def wait_until(predicate: Callable[[], T], timeout: float, what: str) -> T:
-    """Return the first truthy value of predicate(); fail naming `what` after `timeout` s."""
+def wait_until(predicate: Callable[[], T], timeout: float, what: str,
+               give_up: tuple[type[Exception], ...] = (),
+               failure: type[Exception] = AssertionError) -> T:
+    """Return the first truthy value of predicate(); raise `failure` naming `what` after
+    `timeout` s. An exception of `give_up` from the predicate ends the wait at once (it saw
+    that waiting is pointless); any other counts as not yet (e.g. connection refused)."""
     deadline = time.monotonic() + timeout
-    last = None
+    last: object = None
     while True:
         try:
             last = predicate()
-        except Exception as ex:  # e.g. connection refused while a server starts
+        except give_up:
+            raise
+        except Exception as ex:
             last = ex
         else:
             if last:
                 return last
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what} "
-                                 f"(last: {last!r})")
+            raise failure(f"timed out after {timeout:g} s waiting for {what} (last: {last!r})")
         time.sleep(POLL_INTERVAL)

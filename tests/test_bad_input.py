@@ -7,7 +7,7 @@ import re
 import pytest
 
 from tests.client import make_event, post_json, request
-from tests.fixtures.collector import Collector
+from tests.fixtures.collector import start_module_collector
 from tests.polling import wait_until
 
 VALID = make_event()
@@ -82,12 +82,7 @@ CASES = [
 @pytest.fixture(scope="module")
 def server(postgres, tmp_path_factory):
     """One collector for the whole module: these tests only read answers."""
-    from tests.fixtures.postgres import TestDatabase
-    database = TestDatabase(postgres)
-    database.reset()
-    collector = Collector(database.url, tmp_path_factory.mktemp("spool") / "spool",
-                          {"ACCESS_LOG": "1"}, 1)
-    collector.start()
+    collector, database = start_module_collector(postgres, tmp_path_factory, {"ACCESS_LOG": "1"})
     yield collector, database
     collector.terminate()
 

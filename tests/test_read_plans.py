@@ -68,13 +68,9 @@ def describe(nodes: list[dict]) -> str:
 @pytest.fixture(scope="module")
 def big(postgres, tmp_path_factory):
     """A collector over 300,000 events of the last 30 days, counted by page."""
-    from tests.fixtures.collector import Collector
-    from tests.fixtures.postgres import TestDatabase
-    database = TestDatabase(postgres)
-    database.reset()
-    collector = Collector(database.url, tmp_path_factory.mktemp("spool") / "spool",
-                          {"COLLECTOR_ROLLUP_KEYS": "page,campaign"}, 1)
-    collector.start()
+    from tests.fixtures.collector import start_module_collector
+    collector, database = start_module_collector(postgres, tmp_path_factory,
+                                                 {"COLLECTOR_ROLLUP_KEYS": "page,campaign"})
     try:
         wait_until(lambda: database.query("SELECT to_regclass('rollup_keys') IS NOT NULL")[0][0]
                    and database.query("SELECT count(*) FROM rollup_keys")[0][0] == 2, 30,

@@ -10,7 +10,7 @@ import urllib.parse
 import pytest
 
 from tests.client import get_json, make_event, post_json, request
-from tests.fixtures.collector import Collector
+from tests.fixtures.collector import start_module_collector
 from tests.polling import wait_until
 
 BASE = datetime.datetime(2024, 5, 1, tzinfo=datetime.timezone.utc)
@@ -146,12 +146,8 @@ def test_counts_by_bucket_user_and_key(start_collector, database):
 @pytest.fixture(scope="module")
 def server(postgres, tmp_path_factory):
     """One collector for the refusals: they only read answers."""
-    from tests.fixtures.postgres import TestDatabase
-    database = TestDatabase(postgres)
-    database.reset()
-    collector = Collector(database.url, tmp_path_factory.mktemp("spool") / "spool",
-                          {"COLLECTOR_ROLLUP_KEYS": "page"}, 1)
-    collector.start()
+    collector, _ = start_module_collector(postgres, tmp_path_factory,
+                                          {"COLLECTOR_ROLLUP_KEYS": "page"})
     yield collector
     collector.terminate()
 
