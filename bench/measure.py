@@ -7,8 +7,12 @@ For a scenario that reaches the collector:
 3. run the load (and the table lock, and py-spy, if the scenario has them);
 4. once the counters stop moving, the events accepted are the sum of their growth,
    which counts the requests in flight when the client stopped too;
-5. poll `count(*)` until the rows reach that number: the drain time is measured from
-   the end of the load, and events committed/s is rows / (load + drain time).
+5. poll the workers' `pending` counters (/health) until none holds an unflushed event,
+   then count the rows once (and again until they reach that number, should they
+   not): the drain time is measured from the end of the load, and events committed/s
+   is rows / (load + drain time). Polling `count(*)` instead would itself load the
+   database being measured: a sequential scan of millions of rows every poll, which
+   also pushes the indexes the inserts need out of PostgreSQL's buffers.
 
 Any disagreement (rows ≠ events accepted, fewer rows than 202s seen by the client,
 dead letters, a worker restarted, errors in gunicorn's log) becomes a note.
@@ -28,7 +32,7 @@ from bench.profiler import Profiler
 from bench.scenarios import Scenario
 from bench.wrk import run_wrk
 
-POLL_INTERVAL = 0.1  # seconds between row counts while draining
+POLL_INTERVAL = 0.1  # seconds between /health snapshots (or row counts) while draining
 SETTLE_INTERVAL = 0.3  # seconds between /health snapshots until the counters stop moving
 SETTLE_TIMEOUT = 30.0
 MAX_NOTED_LOG_LINES = 5
@@ -196,6 +200,9 @@ class ScenarioRunner:
         accepted = sum(count - before.get(pid, 0) for pid, count in after.items())
         measurement.accepted = accepted
         deadline = ended + self.drain_timeout
+        while (time.monotonic() < deadline and
+               any(h["pending"] for h in self.firehose.health_by_worker().values())):
+            time.sleep(POLL_INTERVAL)
         rows = self.database.count()
         while rows < accepted and time.monotonic() < deadline:
             time.sleep(POLL_INTERVAL)
