@@ -2,8 +2,9 @@
 
 It runs with PostgreSQL's default settings, durability included (fsync and
 synchronous_commit on): the committed rate is that of a database that keeps what it
-commits, as in production. Only the port and the data directory are ours. With
---pg-nice its processes run at a lower CPU priority (see lower_priority).
+commits, as in production. Only the port and the data directory are ours, and what
+--pg-set NAME=VALUE adds. With --pg-nice its processes run at a lower CPU priority
+(see lower_priority).
 """
 
 import os
@@ -18,7 +19,6 @@ from storage.localdb import LocalPostgres
 from tests.processes import children
 
 DATABASE = "firehose_bench"
-SERVER_SETTINGS: dict[str, str] = {}  # PostgreSQL's defaults, see the docstring
 QUERY_TIMEOUT_MS = 60_000  # a count waits behind the lock scenario's LOCK TABLE, never forever
 TABLES = "events, dead_letters"
 
@@ -26,8 +26,8 @@ TABLES = "events, dead_letters"
 class BenchDatabase:
     """A PostgreSQL server and database of the benchmark's own, and what it asks of them."""
 
-    def __init__(self, root: pathlib.Path) -> None:
-        self.server = LocalPostgres(root / "pgdata", free_port(), SERVER_SETTINGS)
+    def __init__(self, root: pathlib.Path, settings: dict[str, str]) -> None:
+        self.server = LocalPostgres(root / "pgdata", free_port(), settings)
         self.url = ""
         self._conn = None
 

@@ -68,6 +68,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--pg-nice", type=int, default=0, metavar="N",
                         help="run PostgreSQL at this nice value, 0-19 (default 0: the same "
                              "priority as the collector and wrk)")
+    parser.add_argument("--pg-set", action="append", default=[], metavar="NAME=VALUE",
+                        help="a PostgreSQL setting for the benchmark's server (repeat for "
+                             "several), e.g. --pg-set shared_buffers=512MB; default: none, "
+                             "PostgreSQL's defaults")
     parser.add_argument("--scenario", action="append", default=[], metavar="NAME",
                         help="run only this scenario (repeat or comma-separate for several)")
     parser.add_argument("--quick", action="store_true",
@@ -92,6 +96,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--duration, --runs and --workers must be at least 1")
     if not 0 <= args.pg_nice <= 19:
         parser.error("--pg-nice must be from 0 to 19")
+    if any("=" not in item for item in args.pg_set):
+        parser.error("--pg-set takes NAME=VALUE")
+    args.pg_settings = dict(item.split("=", 1) for item in args.pg_set)
     if args.drain_timeout is None:
         args.drain_timeout = max(MIN_DRAIN_TIMEOUT, 3.0 * args.duration)
     return args
@@ -152,7 +159,7 @@ class Bench:
             raise BenchError(f"{VENV_BIN / 'locust'} is missing: pip install -e '.[dev]'")
         opened = raise_open_files_limit()
 
-        database = BenchDatabase(self.root)
+        database = BenchDatabase(self.root, self.args.pg_settings)
         self.stack.callback(database.stop)
         print(f"bench: starting PostgreSQL in {database.server.data_dir}", flush=True)
         url = database.start()
@@ -180,7 +187,8 @@ class Bench:
 
         settings = " ".join(f"{k}={v}" for k, v in sorted(self.firehose.settings.items()))
         self.header = report.machine() + [
-            f"software: PostgreSQL {database.version()} (default settings"
+            f"software: PostgreSQL {database.version()} ("
+            f"{' '.join(self.args.pg_set) or 'default settings'}"
             f"{f', nice {self.args.pg_nice}' if self.args.pg_nice else ''}), "
             f"{report.program_version([nginx_binary, '-v']) if nginx_binary else 'no nginx'}, "
             f"{report.program_version([tools.wrk, '--version'])}",
