@@ -17,7 +17,8 @@ req/s, p50, p99, committed/s: median of the runs (± half the spread between the
   slowest run, as a share of the median); errors, non-2xx, drain s, RSS MB: the worst run.
 errors: wrk's socket errors (connect, read, write, timeout > {timeout}) or locust's failures.
 committed/s: rows in events / (load time + drain time); drain s: from the end of the load
-  until the rows equal the events the workers accepted (their /health counters).
+  until no worker holds an unflushed event (/health "pending") and the rows equal the
+  events the workers accepted (/health "accepted"); the rows are counted once, at the end.
 RSS MB: the largest gunicorn worker's VmRSS at the end of the run.
 vs nginx: events answered 202 per second / nginx-202's requests per second (a batch of
   {batch} events counts {batch}); locust rows: users instead of connections."""
