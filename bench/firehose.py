@@ -103,6 +103,10 @@ class Firehose:
         raise BenchError(f"/health never came from workers {sorted(wanted - seen.keys())} "
                          f"in {HEALTH_TRIES} connections or {HEALTH_DEADLINE:g} s")
 
+    def unflushed(self) -> int:
+        """Return the events the workers accepted and hold, not yet durable in PostgreSQL."""
+        return sum(health["pending"] for health in self.health_by_worker().values())
+
     def accepted_by_worker(self) -> dict[int, int]:
         """Return each worker's count of accepted events."""
         return {pid: health["accepted"] for pid, health in self.health_by_worker().items()}

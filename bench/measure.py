@@ -137,7 +137,7 @@ class ScenarioRunner:
         """Wait until no worker holds an event not yet in PostgreSQL (the last drain is over)."""
         deadline = time.monotonic() + self.drain_timeout
         while True:
-            pending = sum(h["pending"] for h in self.firehose.health_by_worker().values())
+            pending = self.firehose.unflushed()
             if pending == 0:
                 return
             if time.monotonic() > deadline:
@@ -200,8 +200,7 @@ class ScenarioRunner:
         accepted = sum(count - before.get(pid, 0) for pid, count in after.items())
         measurement.accepted = accepted
         deadline = ended + self.drain_timeout
-        while (time.monotonic() < deadline and
-               any(h["pending"] for h in self.firehose.health_by_worker().values())):
+        while time.monotonic() < deadline and self.firehose.unflushed():
             time.sleep(POLL_INTERVAL)
         rows = self.database.count()
         while rows < accepted and time.monotonic() < deadline:
