@@ -26,7 +26,8 @@ reuse_port = True
 
 # --- Workers ----------------------------------------------------------------
 workers = int(os.environ.get("WEB_CONCURRENCY", os.cpu_count() or 1))
-# gunicorn's gevent worker, each response sent in one write (collector/worker.py).
+# gunicorn's gevent worker with connections taking turns, many accepts per loop turn
+# and one write per response (collector/worker.py).
 worker_class = "collector.worker.FirehoseWorker"
 worker_connections = 4000  # concurrent connections per worker
 # A worker whose main loop is blocked this long is killed; the spool keeps its events.
