@@ -123,10 +123,8 @@ class Flusher:
             self._writer.prepare()  # the schema exists as soon as the service runs
             self._stats.database_up = True
         except WriteDeferred as ex:
-            self._stats.database_up = False
-            self._stats.outage_since = time.time()
             self._stats.last_error, self._stats.last_error_kind = str(ex), ex.failure.value
-            logger.warning("database not ready at start, will retry: %s", ex)
+            self._outage_began(ex, "database not ready at start, will retry")
         try:
             while True:
                 self.watchdog.beat()
@@ -211,20 +209,27 @@ class Flusher:
         stats.count_retry(str(ex), ex.failure.value)
         systemic = ex.failure is WriteFailure.SYSTEMIC
         if stats.database_up is not False:
-            stats.database_up = False
-            stats.outage_since = time.time()
-            self._last_loud_log = now
-            log = logger.error if systemic else logger.warning
-            log("batch of %d deferred, database unavailable: %s", size, ex)
+            self._outage_began(ex, f"batch of {size} deferred, database unavailable")
         elif systemic and now - self._last_loud_log > LOUD_REPEAT:
             self._last_loud_log = now
             logger.error("batch of %d still deferred, the deployment needs fixing: %s", size, ex)
-        delay = self._backoff.next_delay(now)
-        if self._deadline is not None and now + delay >= self._deadline:
+        if self._deadline is not None:
+            # Stopping with the database unavailable: waiting out the graceful timeout
+            # would flush nothing more, and the spool already keeps every event for the
+            # worker that comes next.
             raise DrainAbandoned()
+        delay = self._backoff.next_delay(now)
         self.watchdog.beat()
         gevent.sleep(delay)
         self.watchdog.beat()
+
+    def _outage_began(self, ex: WriteDeferred, what: str) -> None:
+        """Note that the database became unavailable; a broken deployment is an error."""
+        self._stats.database_up = False
+        self._stats.outage_since = time.time()
+        self._last_loud_log = time.monotonic()
+        log = logger.error if ex.failure is WriteFailure.SYSTEMIC else logger.warning
+        log("%s: %s", what, ex)
 
     def _count(self, result: WriteResult, replayed: bool) -> None:
         stats = self._stats

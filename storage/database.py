@@ -1,17 +1,29 @@
 """Open a PostgreSQL connection with every guard against hangs, and apply the schema.
 
 Under gevent, psycopg2 runs in green mode (psycogreen) and libpq's own
-connect_timeout is ignored (pitfall 3), so the caller bounds each operation with a
-timeout of its own; here the server is told to cancel slow statements and lock
-waits, and the kernel to notice a dead peer through TCP keepalives.
+connect_timeout is ignored, so the caller bounds each operation with a timeout of
+its own; here the server is told to cancel slow
+statements and lock waits, and the kernel to notice a dead peer through TCP
+keepalives.
+
+The server-side timeouts travel with each transaction, never as session state: the
+connection prefixes the first statement of every transaction with `SET LOCAL ...;`
+in the same query string, so they cost no extra round trip and hold behind
+PgBouncer in transaction mode, where consecutive transactions of one client may run
+on different server connections and startup `options` are refused ("unsupported
+startup parameter: options"). Nothing here uses session-level SET, server-side
+prepared statements or session advisory locks.
 """
 
 import ipaddress
 import pathlib
+import re
 import socket
+from typing import Mapping
 
 import psycopg2
 import psycopg2.extensions
+from psycopg2 import sql
 
 SCHEMA_PATH = pathlib.Path(__file__).with_name("schema.sql")
 SCHEMA_LOCK_KEY = 0x46495245  # "FIRE": one worker at a time applies the schema
@@ -19,30 +31,71 @@ KEEPALIVE_IDLE = 5
 KEEPALIVE_INTERVAL = 2
 KEEPALIVE_COUNT = 3
 APPLICATION_NAME = "firehose"
+IDLE_IN_TRANSACTION_FACTOR = 2  # idle_in_transaction_session_timeout = this × statement_timeout
+SAFE_TEXT = re.compile(r"[A-Za-z0-9_.:/+-]+")  # setting names and values we write ourselves
+
+
+def transaction_settings(statement_timeout: float, lock_timeout: float,
+                         extra: Mapping[str, str] | None = None) -> str:
+    """Return the `SET LOCAL` statements that open each transaction, as one string.
+
+    The values are ours (numbers from the validated settings, constants of the
+    callers), never a client's input; they are checked all the same, since SET takes
+    no query parameters.
+    """
+    values = {
+        "statement_timeout": str(int(statement_timeout * 1000)),
+        "lock_timeout": str(int(lock_timeout * 1000)),
+        "idle_in_transaction_session_timeout":
+            str(int(statement_timeout * 1000 * IDLE_IN_TRANSACTION_FACTOR)),
+        **(extra or {}),
+    }
+    for item in (*values, *values.values()):
+        if not SAFE_TEXT.fullmatch(item):
+            raise ValueError(f"transaction setting {item!r}: expected {SAFE_TEXT.pattern}")
+    return "".join(f"SET LOCAL {name} = '{value}'; " for name, value in values.items())
+
+
+class BoundedCursor(psycopg2.extensions.cursor):
+    """A cursor whose statement opening a transaction carries the connection's SET LOCALs."""
+
+    def execute(self, query, vars=None):  # noqa: A002 (psycopg2's own parameter name)
+        conn = self.connection
+        if conn.autocommit or conn.get_transaction_status() == \
+                psycopg2.extensions.TRANSACTION_STATUS_IDLE:
+            if isinstance(query, sql.Composable):
+                query = query.as_string(conn)
+            prefix = conn.transaction_prefix
+            if vars is not None:
+                prefix = prefix.replace("%", "%%")
+            query = (prefix.encode() + query) if isinstance(query, bytes) else prefix + query
+        return super().execute(query, vars)
+
+
+class BoundedConnection(psycopg2.extensions.connection):
+    """A connection whose every transaction runs under its statement and lock timeouts."""
+
+    transaction_prefix = ""  # set by connect(); BoundedCursor puts it before each transaction
 
 
 def connect(dsn: str, statement_timeout: float, lock_timeout: float,
-            application_name: str = APPLICATION_NAME,
-            autocommit: bool = True) -> psycopg2.extensions.connection:
+            application_name: str = APPLICATION_NAME, autocommit: bool = True,
+            settings: Mapping[str, str] | None = None) -> psycopg2.extensions.connection:
     """Open a connection whose statements and lock waits are bounded by the server.
 
     Autocommit by default: each write is one statement, atomic by itself, and
     autocommit spares the BEGIN and COMMIT round trips (under load every round trip
     waits for the worker's other greenlets to take their turn). Work of several
-    statements (partition maintenance) asks for transactions instead.
+    statements (partition maintenance) asks for transactions instead. `settings` are
+    more SET LOCALs for every transaction (the read connections' read-only mode).
     """
     params = psycopg2.extensions.parse_dsn(dsn)
     _resolve_host(params)
-    options = " ".join(filter(None, [
-        params.pop("options", ""),
-        f"-c statement_timeout={int(statement_timeout * 1000)}",
-        f"-c lock_timeout={int(lock_timeout * 1000)}",
-        f"-c idle_in_transaction_session_timeout={int(statement_timeout * 2000)}",
-    ]))
     user_timeout_ms = (KEEPALIVE_IDLE + KEEPALIVE_INTERVAL * KEEPALIVE_COUNT) * 1000
     params.setdefault("application_name", application_name)
     conn = psycopg2.connect(
-        options=options,
+        connection_factory=BoundedConnection,
+        cursor_factory=BoundedCursor,
         keepalives=1,
         keepalives_idle=KEEPALIVE_IDLE,
         keepalives_interval=KEEPALIVE_INTERVAL,
@@ -50,6 +103,7 @@ def connect(dsn: str, statement_timeout: float, lock_timeout: float,
         tcp_user_timeout=user_timeout_ms,
         **params,
     )
+    conn.transaction_prefix = transaction_settings(statement_timeout, lock_timeout, settings)
     conn.autocommit = autocommit
     return conn
 
@@ -79,8 +133,8 @@ def ensure_schema(conn: psycopg2.extensions.connection) -> None:
 
     One query string is one transaction, so the advisory lock is held until the end.
     """
-    sql = SCHEMA_PATH.read_text().replace("%", "%%")
+    schema = SCHEMA_PATH.read_text().replace("%", "%%")
     with conn.cursor() as cur:
-        cur.execute("SELECT pg_advisory_xact_lock(%s);\n" + sql, (SCHEMA_LOCK_KEY,))
+        cur.execute("SELECT pg_advisory_xact_lock(%s);\n" + schema, (SCHEMA_LOCK_KEY,))
     if not conn.autocommit:
         conn.commit()

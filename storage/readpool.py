@@ -6,9 +6,10 @@ the server has. A psycopg2 connection is not green-thread safe (pitfall 2): each
 lent to one caller at a time and given back when its query is done; a caller that
 finds none free waits up to `wait_timeout`, then is told the reads are busy.
 
-Each connection is read-only (`default_transaction_read_only`), in autocommit (one
-statement per read, never idle in a transaction), in UTC, and its statements are
-cancelled by the server after `read_timeout`. `threading` and `queue` are gevent's
+Each read is one statement in autocommit (never idle in a transaction), and runs
+read-only, in UTC, cancelled by the server after `read_timeout` (`READ_SETTINGS`,
+applied per transaction by storage/database.py, so that the reads hold behind
+PgBouncer in transaction mode and on a standby alike). `threading` and `queue` are gevent's
 own once gunicorn's gevent worker has monkey-patched them, so waiting is cooperative.
 """
 
@@ -25,7 +26,7 @@ from storage.errors import OperationTimedOut
 
 APPLICATION_NAME = "firehose-reader"  # apart from the flusher's "firehose" in pg_stat_activity
 # jit off: a read is a short index scan, and JIT compiling costs tens of milliseconds.
-READ_OPTIONS = "-c default_transaction_read_only=on -c TimeZone=UTC -c jit=off"
+READ_SETTINGS = {"transaction_read_only": "on", "TimeZone": "UTC", "jit": "off"}
 QUERY_CANCELED = "57014"  # statement_timeout
 REFUSED_CLASSES = ("22", "54")  # a value of the query PostgreSQL cannot take
 
@@ -40,19 +41,12 @@ class ReadFailed(Exception):
         self.reason = reason
 
 
-def reader_dsn(dsn: str | None) -> str:
-    """Return the DSN with the options of a read connection added."""
-    params = psycopg2.extensions.parse_dsn(dsn or "")
-    params["options"] = " ".join(filter(None, [params.get("options", ""), READ_OPTIONS]))
-    return psycopg2.extensions.make_dsn(**params)
-
-
 class ReadPool:
     """At most `size` read connections, opened on demand and kept for the next read."""
 
     def __init__(self, dsn: str | None, size: int, read_timeout: float, wait_timeout: float,
                  bound: Callable[[], ContextManager] = contextlib.nullcontext) -> None:
-        self._dsn = reader_dsn(dsn)
+        self._dsn = dsn or ""
         self.size = size
         self.read_timeout = read_timeout
         self._wait_timeout = wait_timeout
@@ -119,10 +113,8 @@ class ReadPool:
             if not conn.closed:
                 return conn
         with self._bound():
-            conn = database.connect(self._dsn, self.read_timeout, self.read_timeout,
-                                    APPLICATION_NAME)
-        conn.autocommit = True
-        return conn
+            return database.connect(self._dsn, self.read_timeout, self.read_timeout,
+                                    APPLICATION_NAME, settings=READ_SETTINGS)
 
 
 def _still_usable(conn: psycopg2.extensions.connection, ex: BaseException) -> bool:

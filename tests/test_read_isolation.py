@@ -125,7 +125,7 @@ def test_a_read_finding_every_connection_busy_is_told_so(database):
                 pool.fetch("SELECT 1", ())
             assert caught.value.reason == BUSY
             with held.cursor() as cur:
-                cur.execute("SHOW default_transaction_read_only")
+                cur.execute("SHOW transaction_read_only")  # set per transaction
                 assert cur.fetchone() == ("on",)
         assert pool.fetch("SELECT 1", ()) == [(1,)]  # given back, lent again
     finally:
