@@ -11,6 +11,7 @@ import logging
 import time
 
 import gevent
+import gevent.event
 
 from collector import spool as spool_module
 from collector.metrics import WorkerStats
@@ -26,6 +27,7 @@ ORPHAN_SCAN_INTERVAL = 10.0  # seconds between looks for dead workers' spools
 LOUD_REPEAT = 30.0  # seconds between repeated error logs of a broken deployment
 RESTART_DELAY = 1.0  # seconds before a crashed flusher is started again
 HURRY_INTERVAL = 0.01  # flush interval once the worker is stopping
+PARTITIONS_WAIT = 10.0  # longest wait at start for the first partition maintenance
 
 
 class Watchdog:
@@ -65,8 +67,10 @@ class Flusher:
 
     def __init__(self, queue: EventQueue, writer: BatchWriter, backoff: Backoff,
                  watchdog: Watchdog, stats: WorkerStats, spool_dir: str, own_spool: str,
-                 batch_size: int, flush_interval: float) -> None:
+                 batch_size: int, flush_interval: float,
+                 partitions_ready: gevent.event.Event | None = None) -> None:
         self._queue = queue
+        self._partitions_ready = partitions_ready
         self._writer = writer
         self._backoff = backoff
         self._stats = stats
@@ -125,6 +129,8 @@ class Flusher:
         except WriteDeferred as ex:
             self._stats.last_error, self._stats.last_error_kind = str(ex), ex.failure.value
             self._outage_began(ex, "database not ready at start, will retry")
+        if self._partitions_ready is not None:
+            self._partitions_ready.wait(PARTITIONS_WAIT)
         try:
             while True:
                 self.watchdog.beat()

@@ -12,6 +12,7 @@ import logging
 from typing import Callable, Sequence
 
 import gevent
+import gevent.event
 import psycopg2.extensions
 
 from storage import partitions
@@ -39,6 +40,10 @@ class Maintenance:
         self._schema_ready = False
         self._failing = False
         self._greenlet: gevent.Greenlet | None = None
+        # Set once the first run has ended, done or failed: the flusher waits for it, so
+        # that a fresh database gets this month's partition before its first rows (they
+        # would land in the default partition and be moved out again).
+        self.first_run_done = gevent.event.Event()
 
     def start(self) -> None:
         """Start the greenlet; its first run is at once."""
@@ -80,8 +85,10 @@ class Maintenance:
                     logger.warning("maintenance of partitions and rollup keys failed, "
                                    "retrying every %g s: %s", RETRY_INTERVAL, ex)
                 self._failing = True
+                self.first_run_done.set()
                 gevent.sleep(RETRY_INTERVAL)
                 continue
+            self.first_run_done.set()
             if self._failing:
                 logger.info("maintenance of partitions and rollup keys done again")
             self._failing = False

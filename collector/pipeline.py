@@ -50,15 +50,15 @@ class Pipeline:
         connect = functools.partial(database.connect, settings.database_url,
                                     settings.statement_timeout, settings.lock_timeout)
         self.writer = BatchWriter(connect, bound=self.watchdog.operation)
-        self.flusher = Flusher(self.queue, self.writer, Backoff(settings.retry_max_delay),
-                               self.watchdog, self.stats, settings.spool_dir,
-                               str(self.spool.directory), settings.batch_size,
-                               settings.flush_interval)
         self.maintenance = Maintenance(
             functools.partial(database.connect, settings.database_url,
                               MAINTENANCE_STATEMENT_TIMEOUT, settings.lock_timeout,
                               application_name="firehose-maintenance", autocommit=False),
             settings.rollup_keys, settings.partition_interval, settings.retention_days)
+        self.flusher = Flusher(self.queue, self.writer, Backoff(settings.retry_max_delay),
+                               self.watchdog, self.stats, settings.spool_dir,
+                               str(self.spool.directory), settings.batch_size,
+                               settings.flush_interval, self.maintenance.first_run_done)
         self.started = False
         self.shutdown_began: float | None = None
 

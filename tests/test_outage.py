@@ -1,6 +1,7 @@
 """A locked, stopped or absent PostgreSQL is invisible to clients: 202 at once, rows after."""
 
 import threading
+import time
 
 import psycopg2
 import pytest
@@ -108,6 +109,25 @@ def test_sigterm_drains_the_queue(start_collector, database, spool_root):
     assert_all_stored(database, result.accepted)
     assert list((spool_root / "spool").iterdir()) == []  # drained, nothing left to replay
     assert "drained 2" in collector.output() or "drained" in collector.output()
+
+
+@pytest.mark.slow
+def test_sigterm_with_the_database_down_stops_at_once_and_loses_nothing(
+        start_collector, database, postgres):
+    collector = start_collector()
+    postgres.stop("fast")
+    result = post_stream(collector.url, 300, 10)
+    assert result.statuses == {202: 300}
+    wait_until(lambda: collector.health()["database"] == "down", 30, "the outage to be seen")
+    began = time.monotonic()
+    assert collector.terminate() == 0
+    stopped_in = time.monotonic() - began
+    print(f"\nSIGTERM with PostgreSQL down: stopped in {stopped_in:.1f} s "
+          f"(graceful_timeout 30 s), 300 events left in the spool")
+    assert stopped_in < 10, "the drain waited for a database that was not there"
+    postgres.start("firehose_test")
+    start_collector()  # the next collector on the same spool writes what the last one kept
+    assert_all_stored(database, result.accepted)
 
 
 def test_backpressure_when_the_spool_is_full(start_collector, database, postgres):

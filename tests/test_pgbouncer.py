@@ -82,6 +82,8 @@ def test_ingest_reads_and_maintenance_through_pgbouncer(start_collector, databas
     log = collector.output()
     assert "maintenance of partitions and rollup keys failed" not in log, log[-3000:]
     assert "Traceback" not in log, log[-3000:]
+    # The flusher waited for the first maintenance: no row went to the default partition.
+    assert "from events_default" not in log, log[-3000:]
     # Every worker opened a connection to PgBouncer; PgBouncer used at most its pool.
     servers = database.query("SELECT count(*) FROM pg_stat_activity "
                              "WHERE application_name LIKE 'firehose%%'")[0][0]
