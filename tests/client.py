@@ -83,6 +83,7 @@ class StreamResult(NamedTuple):
     accepted: list[str]  # event_ids answered 202
     statuses: dict[int, int]  # status -> count (0: connection error)
     latencies: list[float]  # of the 202s
+    refused: list[Answer]  # every answer other than 202 (connection errors have none)
 
     def percentile(self, p: float) -> float:
         """Return the p-th percentile latency of the 202s, in seconds."""
@@ -100,7 +101,7 @@ def post_stream(url: str, count: int, concurrency: int, deadline_s: float = 120,
     """
     events = [factory() for _ in range(count)]
     lock = threading.Lock()
-    sent, accepted, latencies = [], [], []
+    sent, accepted, latencies, refused = [], [], [], []
     statuses: dict[int, int] = {}
     next_index = iter(range(count))
     deadline = time.monotonic() + deadline_s
@@ -127,6 +128,8 @@ def post_stream(url: str, count: int, concurrency: int, deadline_s: float = 120,
                 if status == 202:
                     accepted.append(answer.body["event_id"])
                     latencies.append(answer.latency)
+                elif answer is not None:
+                    refused.append(answer)
                 if on_sent:
                     on_sent(len(sent))
         if conn:
@@ -135,4 +138,4 @@ def post_stream(url: str, count: int, concurrency: int, deadline_s: float = 120,
     with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
         for future in [pool.submit(worker) for _ in range(concurrency)]:
             future.result()
-    return StreamResult(sent, accepted, statuses, latencies)
+    return StreamResult(sent, accepted, statuses, latencies, refused)
