@@ -46,6 +46,7 @@ REFUSED_FOR_GOOD = (
     "unsupported startup parameter",  # 08P01 from PgBouncer
     "no such database",  # PgBouncer: not in its [databases]
     "no such user",  # PgBouncer: not in its auth_file
+    "ssl required",  # PgBouncer's client_tls_sslmode=require, the URL without TLS
     "ssl was required",  # libpq: sslmode=require against a server without TLS
     "server does not support ssl",
 )

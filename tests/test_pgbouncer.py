@@ -174,10 +174,14 @@ def broken_state(collector, what: str) -> dict:
 
 
 @pytest.mark.parametrize("case", ["wrong password", "unsupported startup parameter",
-                                  "no such database"])
+                                  "no such database", "TLS demanded"])
 def test_a_refusal_retrying_cannot_fix_is_broken_not_down(start_collector, database,
                                                           start_pgbouncer, postgres, case):
-    if case == "wrong password":
+    if case == "TLS demanded":
+        bouncer = start_pgbouncer(postgres.port, require_tls=True)
+        url = bouncer.url(TEST_DATABASE, query="sslmode=disable")
+        expected = "SSL required"
+    elif case == "wrong password":
         bouncer = start_pgbouncer(postgres.port, auth_type="md5", password="right")
         url = bouncer.url(TEST_DATABASE, password="wrong")
         expected = "password authentication failed"
