@@ -49,7 +49,8 @@ class Pipeline:
         self.watchdog = Watchdog(round_trip, round_trip + settings.retry_max_delay + STALL_MARGIN)
         connect = functools.partial(database.connect, settings.database_url,
                                     settings.statement_timeout, settings.lock_timeout)
-        self.writer = BatchWriter(connect, bound=self.watchdog.operation)
+        self.writer = BatchWriter(connect, bound=self.watchdog.operation,
+                                  insert_method=settings.insert_method)
         self.maintenance = Maintenance(
             functools.partial(database.connect, settings.database_url,
                               MAINTENANCE_STATEMENT_TIMEOUT, settings.lock_timeout,

@@ -16,6 +16,7 @@ from typing import Any, Mapping
 FSYNC_POLICIES = ("never", "interval", "always")
 PARTITION_INTERVALS = ("month", "day")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+INSERT_METHODS = ("execute_values", "json_recordset")  # storage/writer.py's two forms
 
 
 class SettingsError(ValueError):
@@ -45,6 +46,9 @@ SETTINGS = (
     Setting("flush_interval", "COLLECTOR_FLUSH_INTERVAL", "float", 0.2,
             "seconds the flusher waits for a batch to fill before writing what it has",
             minimum=0.001),
+    Setting("insert_method", "COLLECTOR_INSERT_METHOD", "choice", "json_recordset",
+            "form of the batch INSERT: execute_values (a VALUES row per event) or "
+            "json_recordset (the batch as one JSON parameter)", choices=INSERT_METHODS),
     Setting("queue_capacity", "COLLECTOR_QUEUE_CAPACITY", "int", 50_000,
             "events held in memory per worker; past it events wait in the spool only",
             minimum=1),
@@ -175,6 +179,7 @@ class Settings:
     database_url: str | None = _DEFAULTS["database_url"]
     batch_size: int = _DEFAULTS["batch_size"]
     flush_interval: float = _DEFAULTS["flush_interval"]
+    insert_method: str = _DEFAULTS["insert_method"]
     queue_capacity: int = _DEFAULTS["queue_capacity"]
     max_event_bytes: int = _DEFAULTS["max_event_bytes"]
     max_batch_bytes: int = _DEFAULTS["max_batch_bytes"]

@@ -1,7 +1,7 @@
 """Measure the insert path: rows/s of BatchWriter.write with 1000-row batches.
 
     DATABASE_URL=postgresql://... python scripts/bench_insert.py --reset [--batches 200]
-    ... --statement both   # the JSON parameter (what Firehose uses) against execute_values
+    ... --method both   # execute_values against json_recordset, in turn
 
 It DROPS the Firehose tables of that database first (--reset is required), applies the
 schema of the code on PYTHONPATH, and writes batches of events stamped around now
@@ -22,7 +22,7 @@ import uuid
 import psycopg2
 
 from storage import database
-from storage.writer import STATEMENTS, BatchWriter
+from storage.writer import INSERT_METHODS, BatchWriter
 
 try:
     from storage import partitions
@@ -67,9 +67,9 @@ def prepare(dsn: str, without_trigger: bool, without_gin: bool, keys: list[str])
     conn.close()
 
 
-def measure(dsn: str, statement: str, batches: list[list[tuple]]) -> None:
-    """Write the batches with one statement form; print rows/s and the client's CPU."""
-    writer = BatchWriter(lambda: database.connect(dsn, 60, 10), statement=statement)
+def measure(dsn: str, method: str, batches: list[list[tuple]]) -> None:
+    """Write the batches with one INSERT form; print rows/s and the client's CPU."""
+    writer = BatchWriter(lambda: database.connect(dsn, 60, 10), insert_method=method)
     writer.prepare()
     per_batch = []
     started, cpu_started = time.monotonic(), time.process_time()
@@ -81,7 +81,7 @@ def measure(dsn: str, statement: str, batches: list[list[tuple]]) -> None:
     elapsed, cpu = time.monotonic() - started, time.process_time() - cpu_started
     writer.close()
     rows = len(batches) * BATCH_SIZE
-    print(f"{statement:6}: {rows} rows in {elapsed:.2f} s: {rows / elapsed:,.0f} rows/s; "
+    print(f"{method:14}: {rows} rows in {elapsed:.2f} s: {rows / elapsed:,.0f} rows/s; "
           f"per batch median {statistics.median(per_batch) * 1000:.1f} ms, "
           f"p95 {sorted(per_batch)[int(len(per_batch) * 0.95)] * 1000:.1f} ms; "
           f"client CPU {cpu / len(batches) * 1000:.1f} ms per batch")
@@ -95,9 +95,11 @@ def main() -> int:
     parser.add_argument("--without-trigger", action="store_true")
     parser.add_argument("--without-gin", action="store_true")
     parser.add_argument("--rollup-keys", default="", help="comma-separated metadata keys")
-    parser.add_argument("--statement", choices=STATEMENTS + ("both",), default="json",
-                        help="the INSERT's form: one JSON parameter, execute_values, or both "
-                             "in turn (default json)")
+    parser.add_argument("--method", choices=INSERT_METHODS + ("both",), default="both",
+                        help="the INSERT's form (COLLECTOR_INSERT_METHOD), or both in turn "
+                             "(default both)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure each form this many times, interleaved")
     args = parser.parse_args()
     dsn = os.environ.get("DATABASE_URL")
     if not dsn or not args.reset:
@@ -106,10 +108,11 @@ def main() -> int:
         return 2
     keys = [k for k in args.rollup_keys.split(",") if k]
     batches = [make_batch(time.time()) for _ in range(args.batches)]
-    statements = STATEMENTS if args.statement == "both" else (args.statement,)
-    for statement in statements:
-        prepare(dsn, args.without_trigger, args.without_gin, keys)
-        measure(dsn, statement, batches)
+    methods = INSERT_METHODS if args.method == "both" else (args.method,)
+    for _ in range(args.rounds):
+        for method in methods:
+            prepare(dsn, args.without_trigger, args.without_gin, keys)
+            measure(dsn, method, batches)
     return 0
 
 

@@ -1,17 +1,22 @@
 """Write one batch of events to PostgreSQL with a single INSERT.
 
-The batch travels as one JSON parameter, unpacked by PostgreSQL's json_to_recordset
-(INSERT_EVENTS). design.md names psycopg2's execute_values, which builds a VALUES list
-with a quoted literal per field: 7 ms of the worker's CPU per 1,000 rows, during which
-its event loop serves no request, against 1.4 ms to encode the JSON; and PostgreSQL
-takes the JSON form faster too, 39-41k rows/s against 27-28k on the 2-core machine of
-the README (`scripts/bench_insert.py --statement both`). Both forms are kept
-(STATEMENTS) and tested alike; BatchWriter takes the JSON one unless told otherwise.
+Two forms of that INSERT exist (INSERT_METHODS; `COLLECTOR_INSERT_METHOD` chooses):
+
+- `execute_values`: psycopg2's execute_values, one VALUES row per event. Each row is a
+  single pre-encoded JSON text, unpacked by PostgreSQL's json_to_record, rather than
+  five adapted literals: psycopg2 then quotes one string per event, not five values of
+  four types (7 ms of the worker's CPU per 1,000 rows in the five-literal form, during
+  which its event loop serves no request).
+- `json_recordset`: the whole batch as one JSON parameter, unpacked by
+  json_to_recordset.
+
+Both run the same statement in PostgreSQL after the unpacking; docs/performance.md
+gives their measured costs and why the default is the one it is.
 
 A batch is one statement, committed whole (autocommit), or, when PostgreSQL refuses an event's content, split
 in halves until each refused event is alone; those go to `dead_letters` with the
 reason and the others are stored (one poison row aborts the whole transaction
-otherwise, pitfall 4). A repeated event (same `event_id`, `timestamp` and `user_id`,
+otherwise). A repeated event (same `event_id`, `timestamp` and `user_id`,
 as every retry and every spool replay is) is stored once (ON CONFLICT DO NOTHING).
 
 Any other failure raises `WriteDeferred`: the caller keeps the batch and retries.
@@ -29,19 +34,18 @@ from storage.database import ensure_schema
 from storage.errors import WriteFailure, classify_error
 
 logger = logging.getLogger(__name__)
+_ENCODER = msgspec.json.Encoder()
 
-INSERT_EVENTS = (
-    'INSERT INTO events (event_id, user_id, "timestamp", metadata, received_at) '
-    'SELECT e.i, e.u, e.t, e.m, to_timestamp(e.r) '
-    'FROM json_to_recordset(%s::json) AS e(i uuid, u bigint, t timestamptz, m jsonb, r float8) '
-    'ON CONFLICT ("timestamp", event_id, user_id) DO NOTHING'
-)
-INSERT_EVENTS_VALUES = (
-    'INSERT INTO events (event_id, user_id, "timestamp", metadata, received_at) '
-    'VALUES %s ON CONFLICT ("timestamp", event_id, user_id) DO NOTHING'
-)
-EVENT_TEMPLATE = "(%s, %s, %s, %s, to_timestamp(%s))"
-STATEMENTS = ("json", "values")
+INSERT_COLUMNS = 'INSERT INTO events (event_id, user_id, "timestamp", metadata, received_at) '
+UNPACKED = "e.i, e.u, e.t, e.m, to_timestamp(e.r)"
+RECORD = "e(i uuid, u bigint, t timestamptz, m jsonb, r float8)"
+ON_CONFLICT = ' ON CONFLICT ("timestamp", event_id, user_id) DO NOTHING'
+INSERT_JSON_RECORDSET = (f"{INSERT_COLUMNS}SELECT {UNPACKED} "
+                         f"FROM json_to_recordset(%s::json) AS {RECORD}{ON_CONFLICT}")
+INSERT_EXECUTE_VALUES = (f"{INSERT_COLUMNS}SELECT {UNPACKED} "
+                         f"FROM (VALUES %s) AS v(j), json_to_record(v.j::json) AS {RECORD}"
+                         f"{ON_CONFLICT}")
+INSERT_METHODS = ("execute_values", "json_recordset")
 INSERT_DEAD_LETTER = (
     "INSERT INTO dead_letters (event_id, payload, error_code, error_message) "
     "VALUES (%s, %s, %s, %s) ON CONFLICT (event_id) DO NOTHING"
@@ -68,7 +72,7 @@ class WriteDeferred(Exception):
 
 
 class _JsonRow(msgspec.Struct):
-    """One event as an object of the INSERT's JSON parameter (short keys: less to parse)."""
+    """One event as a JSON object of the INSERT (short keys: less to parse)."""
 
     i: str  # event_id
     u: int  # user_id
@@ -82,10 +86,12 @@ class BatchWriter:
 
     def __init__(self, connect: Callable[[], psycopg2.extensions.connection],
                  bound: Callable[[], ContextManager] = contextlib.nullcontext,
-                 statement: str = "json") -> None:
-        if statement not in STATEMENTS:
-            raise ValueError(f"statement {statement!r}: expected one of {STATEMENTS}")
-        self._insert_batch = _insert_json if statement == "json" else _insert_values
+                 insert_method: str = "json_recordset") -> None:
+        if insert_method not in INSERT_METHODS:
+            raise ValueError(f"insert method {insert_method!r}: expected one of "
+                             f"{', '.join(INSERT_METHODS)}")
+        self._insert_batch = (_insert_values if insert_method == "execute_values"
+                              else _insert_recordset)
         self._connect = connect
         self._bound = bound  # a deadline around each round trip to PostgreSQL
         self._conn: psycopg2.extensions.connection | None = None
@@ -191,17 +197,17 @@ class BatchWriter:
         logger.warning("event %s dead-lettered: %s %s", event_id, code, message)
 
 
-def _insert_json(cur: psycopg2.extensions.cursor, rows: Sequence[Row]) -> None:
+def _insert_recordset(cur: psycopg2.extensions.cursor, rows: Sequence[Row]) -> None:
     """Insert the rows with one JSON parameter."""
-    document = msgspec.json.encode([_JsonRow(e, u, t, msgspec.Raw(m), r)
-                                    for e, u, t, m, r in rows])
-    cur.execute(INSERT_EVENTS, (document.decode(),))
+    document = _ENCODER.encode([_JsonRow(e, u, t, msgspec.Raw(m), r) for e, u, t, m, r in rows])
+    cur.execute(INSERT_JSON_RECORDSET, (document.decode(),))
 
 
 def _insert_values(cur: psycopg2.extensions.cursor, rows: Sequence[Row]) -> None:
-    """Insert the rows with execute_values: one VALUES list, a literal per field."""
-    psycopg2.extras.execute_values(cur, INSERT_EVENTS_VALUES, rows, template=EVENT_TEMPLATE,
-                                   page_size=len(rows))
+    """Insert the rows with execute_values: one VALUES row, one JSON text, per event."""
+    encode = _ENCODER.encode
+    texts = [(encode(_JsonRow(e, u, t, msgspec.Raw(m), r)).decode(),) for e, u, t, m, r in rows]
+    psycopg2.extras.execute_values(cur, INSERT_EXECUTE_VALUES, texts, page_size=len(rows))
 
 
 def _event_id(row: Row) -> str:

@@ -122,6 +122,7 @@ def test_flusher_connection_terminated_mid_stream(start_collector, database):
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("insert_method")
 def test_poison_events_are_dead_lettered(start_collector, database):
     collector = start_collector({"COLLECTOR_FLUSH_INTERVAL": "600", "COLLECTOR_BATCH_SIZE": "300"},
                                 workers=1)

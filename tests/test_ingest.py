@@ -8,6 +8,9 @@ import pytest
 from tests.client import get_json, make_event, post_json, request
 from tests.polling import wait_until
 
+# Every test here runs once per form of the batch INSERT.
+pytestmark = pytest.mark.usefixtures("insert_method")
+
 
 def test_event_is_stored_with_exact_values(collector, database):
     event_id = str(uuid.uuid4())

@@ -9,6 +9,9 @@ import pytest
 from tests.client import get_json, make_event, post_json, post_stream
 from tests.polling import wait_until
 
+# Every test here runs once per form of the batch INSERT.
+pytestmark = pytest.mark.usefixtures("insert_method")
+
 LOCK_SECONDS = 5
 STREAM_CONNECTIONS = 20
 

@@ -9,7 +9,7 @@ import pytest
 
 from storage import database as storage_database
 from storage.errors import OperationTimedOut, WriteFailure, classify_error
-from storage.writer import STATEMENTS, BatchWriter, WriteResult
+from storage.writer import INSERT_METHODS, BatchWriter, WriteResult
 from tests.client import post_stream
 from tests.polling import wait_until
 
@@ -104,11 +104,11 @@ def writer_rows(count: int) -> list[tuple]:
             for index in range(count)]
 
 
-@pytest.mark.parametrize("statement", STATEMENTS)
-def test_both_insert_forms_store_the_same_rows_and_dead_letter_alike(database, statement):
+@pytest.mark.parametrize("method", INSERT_METHODS)
+def test_both_insert_forms_store_the_same_rows_and_dead_letter_alike(database, method):
     database.query("DROP TABLE IF EXISTS events CASCADE")
     writer = BatchWriter(lambda: storage_database.connect(database.url, 10, 5),
-                         statement=statement)
+                         insert_method=method)
     writer.prepare()
     database.query("ALTER TABLE events ADD CONSTRAINT no_poison "
                    "CHECK (NOT metadata @> '{\"index\": 7}')")
