@@ -61,6 +61,9 @@ OWN_MAIN_DIRECTIVES = re.compile(r"^\s*(user|pid|daemon|error_log)\s[^;\n]*;", r
 SITE_INCLUDES = re.compile(r"^\s*include\s+\S*(sites-enabled|conf\.d)\S*\s*;", re.MULTILINE)
 LISTEN = re.compile(r"^([^#\n]*?)\blisten\s[^;\n]+;", re.MULTILINE)
 ACCESS_LOG = re.compile(r"^([^#\n]*?\baccess_log\s+)(?!off\b)[^\s;]+", re.MULTILINE)
+# The project's rate limits would refuse most of a load sent from one address: the
+# benchmark measures the collector, so they are taken out (their zones stay, unused).
+RATE_LIMITS = re.compile(r"^\s*limit_req\s[^;\n]*;", re.MULTILINE)
 
 def _worker_user() -> str:
     """Return the user nginx's workers run as when started by root."""
@@ -117,7 +120,7 @@ class Nginx:
                 self.config_path.write_text(self._rewrite(text, upstream_port))
                 problem = self.test()
                 if problem is None:
-                    self.source = f"{project_conf} (ports and paths rewritten)"
+                    self.source = f"{project_conf} (ports and paths rewritten, rate limits off)"
                     return warnings
                 warnings.append(f"{project_conf} does not work here ({problem}); "
                                 "using a minimal proxy instead")
@@ -136,6 +139,7 @@ class Nginx:
         text = LISTEN.sub(rf"\g<1>listen 127.0.0.1:{self.port};", text)
         text = ACCESS_LOG.sub(rf"\g<1>{self.directory}/access.log", text)
         text = SITE_INCLUDES.sub("", text)
+        text = RATE_LIMITS.sub("", text)
         if not re.search(r"^\s*http\s*\{", text, re.MULTILINE):
             return self._wrap(text)  # a file of server/upstream blocks for http {}
         text = OWN_MAIN_DIRECTIVES.sub("", text)

@@ -10,7 +10,7 @@ import sys
 import falcon
 import gevent
 
-from collector.auth import WriteKeyAuth
+from collector.auth import ReadKeyAuth, WriteKeyAuth
 from collector.cors import cors_middleware
 from collector.errors import serialize_error
 from collector.metrics import RequestCounter
@@ -45,7 +45,8 @@ def create_app(settings: Settings, pipeline: Pipeline | None = None) -> Collecto
     # Every answer is counted, carries the CORS headers, and only then is a key checked.
     middleware = [RequestCounter(pipeline.stats),
                   cors_middleware(settings.cors_origins),
-                  WriteKeyAuth(settings.api_keys) if settings.api_keys else None]
+                  WriteKeyAuth(settings.api_keys) if settings.api_keys else None,
+                  ReadKeyAuth(settings.read_keys) if settings.read_keys else None]
     # No media handlers and no form parsing: bodies are read and parsed by us, with limits.
     app = CollectorApp(media_type=falcon.MEDIA_JSON,
                        middleware=[m for m in middleware if m is not None])

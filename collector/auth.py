@@ -1,19 +1,29 @@
-"""Write keys: a falcon middleware that lets only clients holding a key POST events.
+"""API keys: falcon middleware that lets only clients holding a key POST events or read them.
 
-Off when COLLECTOR_API_KEYS is empty. When on, the resources that take events
-(`write_key_required = True`) need one of the keys, given in any of three ways:
+Two independent sets of keys, each off when its setting is empty:
+
+- write keys (COLLECTOR_API_KEYS) guard the resources that take events
+  (`write_key_required = True`: POST /event, POST /events). A write key ships in a web
+  page or an app, so it is public by design: it identifies the sender, it hides nothing.
+- read keys (COLLECTOR_READ_KEYS) guard the resources that return stored events
+  (`read_key_required = True`: GET /events, GET /counts). They are secrets, held by a
+  dashboard or a job, never by a device.
+
+A write key never opens a read and a read key never opens a write. Either is given in
+any of three ways:
 
     X-API-Key: KEY
     Authorization: Bearer KEY
     Authorization: Basic base64(KEY:)     the key as user name, as Segment's write keys
 
 Everything else (/health, /ready, /metrics, /openapi.json, a CORS preflight) stays
-open. A missing or wrong key is a 401 with the usual JSON error body.
+open. A missing or wrong key is a 401 with the usual JSON error body, whose `limit`
+names the setting whose keys the request lacks.
 
 Keys are compared as SHA-256 digests of their bytes, with `hmac.compare_digest`
 against every configured key: the time taken tells nothing about how much of a key
 was right, and a header that is not ASCII is just a wrong key, not a TypeError and
-a 500 as comparing `str` would give (pitfall 10).
+a 500 as comparing `str` would give.
 """
 
 import base64
@@ -30,7 +40,6 @@ KEY_HEADER = "X-API-Key"
 REALM = "firehose"
 # Bearer, not Basic: a Basic challenge makes browsers prompt their user for a password.
 CHALLENGE = f'Bearer realm="{REALM}"'
-LIMIT = "api_keys"  # the setting whose keys the request lacks
 
 
 def _digest(key: bytes) -> bytes:
@@ -66,26 +75,37 @@ def presented_key(req: falcon.Request) -> bytes | None:
     return None
 
 
-class WriteKeyAuth:
-    """Falcon middleware: refuse event POSTs without one of the configured write keys."""
+class KeyAuth:
+    """Falcon middleware: refuse requests to marked resources without one of the configured keys.
+
+    A subclass says which requests it guards: `METHOD` on resources whose responder's
+    owner has `MARKER` set, and names its keys in answers (`NOUN`) and the setting
+    that holds them (`LIMIT`).
+    """
+
+    METHOD: str
+    MARKER: str
+    NOUN: str
+    LIMIT: str
 
     def __init__(self, keys: Iterable[str]) -> None:
         self._digests = [_digest(key.encode("utf-8")) for key in keys]
 
     def process_resource(self, req: falcon.Request, resp: falcon.Response,
                          resource: object, params: dict) -> None:
-        if req.method != "POST":
+        if req.method != self.METHOD:
             return
         # Ask the object whose responder answers (a SharedRoute only borrows it).
-        owner = getattr(getattr(resource, "on_post", None), "__self__", resource)
-        if not getattr(owner, "write_key_required", False):
+        responder = getattr(resource, "on_" + self.METHOD.lower(), None)
+        owner = getattr(responder, "__self__", resource)
+        if not getattr(owner, self.MARKER, False):
             return
         key = presented_key(req)
         if key is None:
-            raise _unauthorized(f"a write key is required: send it in {KEY_HEADER}, "
-                                "or as Authorization: Bearer KEY")
+            raise _unauthorized(f"a {self.NOUN} is required: send it in {KEY_HEADER}, "
+                                "or as Authorization: Bearer KEY", self.LIMIT)
         if not self.accepts(key):
-            raise _unauthorized("the write key is not valid")
+            raise _unauthorized(f"the {self.NOUN} is not valid", self.LIMIT)
 
     def accepts(self, key: bytes) -> bool:
         """Tell whether key is one of the configured keys, in time independent of its value."""
@@ -96,6 +116,24 @@ class WriteKeyAuth:
         return matched
 
 
-def _unauthorized(description: str) -> CollectorError:
-    return CollectorError(falcon.HTTP_401, "Unauthorized", description, limit=LIMIT,
+class WriteKeyAuth(KeyAuth):
+    """Refuse event POSTs without one of the write keys (COLLECTOR_API_KEYS)."""
+
+    METHOD = "POST"
+    MARKER = "write_key_required"
+    NOUN = "write key"
+    LIMIT = "api_keys"
+
+
+class ReadKeyAuth(KeyAuth):
+    """Refuse reads of stored events without one of the read keys (COLLECTOR_READ_KEYS)."""
+
+    METHOD = "GET"
+    MARKER = "read_key_required"
+    NOUN = "read key"
+    LIMIT = "read_keys"
+
+
+def _unauthorized(description: str, limit: str) -> CollectorError:
+    return CollectorError(falcon.HTTP_401, "Unauthorized", description, limit=limit,
                           headers={"WWW-Authenticate": CHALLENGE})

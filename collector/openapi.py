@@ -1,7 +1,7 @@
 """The OpenAPI 3.1 description of the API, served at GET /openapi.json.
 
 Built once per app from the settings, so that the limits it states, and whether
-write keys are needed, are the ones this collector enforces. The event schema is
+write and read keys are needed, are the ones this collector enforces. The event schema is
 the contract of collector/validation.py; tests/test_openapi.py fuzzes the running
 server from this document and fails on any 5xx or any answer it does not describe.
 """
@@ -143,7 +143,9 @@ def _errors(settings: Settings) -> dict:
         "BadRequest": error("The body is not valid JSON or an event breaks the contract; "
                             "`field` names the field at fault."),
         "Unauthorized": error(
-            "Write keys are configured and the request has none, or a wrong one.",
+            "Keys are configured for this operation (write keys for POST, read keys for "
+            "GET /events and /counts) and the request has none, or a wrong one; `limit` "
+            "names the setting (api_keys, read_keys). A write key never opens a read.",
             {"WWW-Authenticate": {"schema": {"type": "string"}}}),
         "MethodNotAllowed": error("This path does not take this method.",
                                   {"Allow": {"schema": {"type": "string"}}}),
@@ -211,6 +213,7 @@ def _query(summary: str, description: str, parameters: dict[str, str]) -> dict:
         "responses": {
             "200": {"description": "The answer.", "content": _json({"type": "object"})},
             "400": _response("InvalidParameter"),
+            "401": _response("Unauthorized"),
             "405": _response("MethodNotAllowed"),
             "503": _response("ReadUnavailable"),
         },
@@ -301,10 +304,21 @@ def openapi_document(settings: Settings) -> dict:
                 "bearer": {"type": "http", "scheme": "bearer"},
                 "basic": {"type": "http", "scheme": "basic",
                           "description": "the write key as user name, no password"},
+                # The same three headers, carrying a secret read key (COLLECTOR_READ_KEYS).
+                "readKey": {"type": "apiKey", "in": "header", "name": KEY_HEADER,
+                            "description": "a read key, secret: never a write key"},
+                "readBearer": {"type": "http", "scheme": "bearer",
+                               "description": "a read key as the bearer token"},
+                "readBasic": {"type": "http", "scheme": "basic",
+                              "description": "a read key as user name, no password"},
             },
         },
     }
     if settings.api_keys:
         for operation in (single, many):
             operation["security"] = [{"writeKey": []}, {"bearer": []}, {"basic": []}]
+    if settings.read_keys:
+        for operation in (document["paths"]["/events"]["get"],
+                          document["paths"]["/counts"]["get"]):
+            operation["security"] = [{"readKey": []}, {"readBearer": []}, {"readBasic": []}]
     return document

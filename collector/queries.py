@@ -52,6 +52,8 @@ decode_cursor = msgspec.json.Decoder(tuple[datetime.datetime, uuid.UUID]).decode
 class EventQueryResource:
     """GET /events: stored events, newest first, filtered, one page at a time."""
 
+    read_key_required = True  # collector/auth.py
+
     def __init__(self, reader: EventReader) -> None:
         self._reader = reader
 
@@ -78,6 +80,8 @@ class EventQueryResource:
 
 class CountResource:
     """GET /counts: event counts per minute, hour or day, in total, for a user or per value."""
+
+    read_key_required = True  # collector/auth.py
 
     def __init__(self, reader: CountReader, rollup_keys: tuple[str, ...]) -> None:
         self._reader = reader

@@ -105,6 +105,11 @@ SETTINGS = (
             "for any; empty: CORS off",
             item=(r"\*|https?://[^/\s]+", "`*` or origins like https://shop.example.com "
                                           "(scheme and host, no path)")),
+    Setting("read_keys", "COLLECTOR_READ_KEYS", "list", "",
+            "comma-separated secret read keys, distinct from the write keys; when set, "
+            "GET /events and /counts need one, in the same headers as COLLECTOR_API_KEYS; "
+            "empty: reads are open to whoever reaches the port",
+            item=(r"[!-~]+", "keys of printable ASCII characters")),
     Setting("api_keys", "COLLECTOR_API_KEYS", "list", "",
             "comma-separated write keys; when set, POST /event and /events need one in "
             "X-API-Key, `Authorization: Bearer KEY` or `Authorization: Basic` (key as "
@@ -112,7 +117,7 @@ SETTINGS = (
             item=(r"[!-~]+", "keys of printable ASCII characters")),
 )
 
-SECRET_FIELDS = ("api_keys",)  # shown as *** in repr and logs
+SECRET_FIELDS = ("api_keys", "read_keys")  # shown as *** in repr and logs
 
 
 def _default(setting: Setting) -> Any:
@@ -201,6 +206,7 @@ class Settings:
     retention_days: int = _DEFAULTS["retention_days"]
     log_level: str = _DEFAULTS["log_level"]
     cors_origins: tuple[str, ...] = _DEFAULTS["cors_origins"]
+    read_keys: tuple[str, ...] = _DEFAULTS["read_keys"]
     api_keys: tuple[str, ...] = _DEFAULTS["api_keys"]
 
     @classmethod
@@ -215,6 +221,10 @@ class Settings:
                     raise SettingsError(f"{setting.env} is not set: {setting.help}")
                 continue
             values[setting.field] = _parse(setting, raw)
+        if set(values.get("read_keys", ())) & set(values.get("api_keys", ())):
+            # A write key ships in pages and apps: as a read key it would open every event.
+            raise SettingsError("COLLECTOR_READ_KEYS='***': expected keys that are not "
+                                "also write keys (COLLECTOR_API_KEYS)")
         return cls(**values)
 
     def __repr__(self) -> str:

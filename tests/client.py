@@ -27,6 +27,13 @@ def _connection(url: str) -> http.client.HTTPConnection:
     return http.client.HTTPConnection(parts.hostname, parts.port, timeout=REQUEST_TIMEOUT)
 
 
+def connection_from(url: str, source: str) -> http.client.HTTPConnection:
+    """Open a connection to url's host from the local address source (e.g. 127.0.0.2)."""
+    parts = urllib.parse.urlsplit(url)
+    return http.client.HTTPConnection(parts.hostname, parts.port, timeout=REQUEST_TIMEOUT,
+                                      source_address=(source, 0))
+
+
 def request(url: str, method: str = "GET", body: bytes | None = None,
             headers: dict | None = None, conn: http.client.HTTPConnection | None = None) -> Answer:
     """Send one request (on `conn` if given, else a new connection) and return the answer."""

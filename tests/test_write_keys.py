@@ -93,7 +93,7 @@ def test_reporting_endpoints_and_preflight_stay_open(server):
     for path in ("/event", "/events"):  # the document says a key is needed, and how
         schemes = {name for option in document["paths"][path]["post"]["security"]
                    for name in option}
-        assert schemes == set(document["components"]["securitySchemes"])
+        assert schemes == {"writeKey", "bearer", "basic"}
     preflight = request(keyed.url + "/event", "OPTIONS", headers={
         "Origin": ORIGIN, "Access-Control-Request-Method": "POST",
         "Access-Control-Request-Headers": "content-type,x-api-key"})
