@@ -21,6 +21,7 @@ from collector.spool import SEGMENT_SUFFIX, read_records
 from collector.validation import Event
 from tests.client import Answer, StreamResult, make_event, post_json, post_stream
 from tests.fixtures.collector import Collector
+from tests.fixtures.nginx import set_rates
 from tests.fixtures.postgres import free_port
 from tests.polling import wait_until
 
@@ -126,7 +127,9 @@ def test_one_collector_killed_behind_nginx_loses_no_accepted_event(start_instanc
                                                                     start_nginx):
     survivor = start_instance("survivor")
     victim = start_instance("victim", HOLD)
-    nginx = start_nginx(survivor.port, victim.port)
+    # One test client sends as fast as it can from one address: lift that address's limit.
+    nginx = start_nginx(survivor.port, victim.port, edit=lambda site: set_rates(
+        site, {"firehose_client_event": ("100000r/s", 100000)}))
 
     answered = [0]
     result: list[StreamResult] = []
