@@ -46,9 +46,13 @@ INSERT_EXECUTE_VALUES = (f"{INSERT_COLUMNS}SELECT {UNPACKED} "
                          f"FROM (VALUES %s) AS v(j), json_to_record(v.j::json) AS {RECORD}"
                          f"{ON_CONFLICT}")
 INSERT_METHODS = ("execute_values", "json_recordset")
+# An event refused again (a client's retry, a spool replay, `firehose dead-letters retry`)
+# keeps its first payload and gets the latest reason and time.
 INSERT_DEAD_LETTER = (
     "INSERT INTO dead_letters (event_id, payload, error_code, error_message) "
-    "VALUES (%s, %s, %s, %s) ON CONFLICT (event_id) DO NOTHING"
+    "VALUES (%s, %s, %s, %s) ON CONFLICT (event_id) DO UPDATE SET "
+    "error_code = EXCLUDED.error_code, error_message = EXCLUDED.error_message, "
+    "failed_at = EXCLUDED.failed_at"
 )
 
 Row = Sequence  # (event_id, user_id, timestamp, metadata, received_at)
