@@ -192,3 +192,38 @@ def _transaction(conn: psycopg2.extensions.connection) -> Iterator[psycopg2.exte
 def _attached_now(cur: psycopg2.extensions.cursor) -> list[str]:
     cur.execute(ATTACHED)
     return [row[0] for row in cur.fetchall()]
+
+
+class PartitionSize(NamedTuple):
+    """One partition of events as the catalog sees it: its bounds, rows and size on disk."""
+
+    name: str
+    start: str | None  # the bounds in UTC, as PostgreSQL prints them; None for the default
+    end: str | None
+    rows: int | None  # pg_class.reltuples: an estimate, None until VACUUM or ANALYZE ran
+    bytes: int  # table, indexes and TOAST
+
+
+SIZES = (
+    "SELECT c.relname, pg_get_expr(c.relpartbound, c.oid), c.reltuples::bigint, "
+    "pg_total_relation_size(c.oid) "
+    "FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+    "WHERE i.inhparent = to_regclass('events') ORDER BY c.relname"
+)
+BOUNDS = re.compile(r"FOR VALUES FROM \('(.*)'\) TO \('(.*)'\)")
+
+
+def sizes(conn: psycopg2.extensions.connection) -> list[PartitionSize]:
+    """Return every partition of events with its bounds, estimated rows and bytes."""
+    with conn.cursor() as cur:
+        # The bounds print in the session's time zone: UTC for this query string, which is
+        # one transaction even in autocommit.
+        cur.execute("SELECT set_config('TimeZone', 'UTC', true); " + SIZES)
+        found = cur.fetchall()
+    conn.commit()
+    result = []
+    for name, bound, rows, size in found:
+        match = BOUNDS.fullmatch(bound or "")
+        start, end = match.groups() if match else (None, None)
+        result.append(PartitionSize(name, start, end, rows if rows >= 0 else None, size))
+    return result
