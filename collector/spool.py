@@ -376,3 +376,22 @@ def _remove_directory(directory: pathlib.Path) -> None:
         directory.rmdir()
     except OSError as ex:
         logger.warning("spool directory %s not removed: %s", directory, ex)
+
+
+def owner_alive(directory: pathlib.Path) -> bool:
+    """Tell whether a live process holds a worker directory's lock; create and change nothing.
+
+    Not for a hidden directory being set up: the shared lock, held for an instant, could
+    make its worker's own exclusive lock fail.
+    """
+    try:
+        fd = os.open(directory / LOCK_NAME, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # also releases the shared lock, if we got it
+    return False
