@@ -574,7 +574,8 @@ def run_partitions(args: argparse.Namespace) -> int:
         print(f"{part.name:<20}  {start:<22}  {part.end or '':<22}  {rows:>11}  "
               f"{_size(part.bytes):>10}")
     known = [p.rows for p in found if p.rows is not None]
-    print(f"{len(found)} partitions, ~{sum(known)} rows, {_size(sum(p.bytes for p in found))}"
+    print(f"{len(found)} partition{'s' if len(found) != 1 else ''}, ~{sum(known)} rows, "
+          f"{_size(sum(p.bytes for p in found))}"
           + ("; ?: not analyzed yet (ANALYZE events, or wait for autovacuum)"
              if len(known) < len(found) else ""))
     return 0

@@ -235,7 +235,7 @@ def test_spool_status_and_replay(firehose, database, tmp_path):
 
 def test_partitions_list_and_maintain(firehose, database, writer):
     listed = firehose("partitions")
-    assert lines(listed, "events_default") and "1 partitions" in listed
+    assert lines(listed, "events_default") and "1 partition," in listed
     conn = storage_database.connect(database.url, 10, 5, autocommit=False)
     try:
         old = partitions.ensure_partitions(
