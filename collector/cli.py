@@ -1,4 +1,4 @@
-"""`firehose`, the operator's command line: check a deployment, mend dead letters, spools, partitions.
+"""`firehose`, the operator's command line: check a deployment; dead letters, spools, partitions.
 
     firehose check                      settings, database, schema, spool, disk, read access
     firehose dead-letters list|show|retry|purge
@@ -16,6 +16,7 @@ an unreachable database), 2 for a usage error.
 """
 
 import argparse
+import contextlib
 import datetime
 import functools
 import ipaddress
@@ -29,7 +30,7 @@ import sys
 import tempfile
 import time
 import uuid
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import msgspec
 import psycopg2
@@ -187,9 +188,7 @@ def _check_database(report: Report, settings: Settings) -> None:
         report.fail("database", f"unreachable: {_first_line(ex)}")
         return
     try:
-        with conn.cursor() as cur:
-            cur.execute("SELECT current_setting('server_version'), current_user")
-            version, user = cur.fetchone()
+        version, user = probe.server(conn)
         report.ok("database", f"reachable: PostgreSQL {version}, as {user}")
         missing = probe.missing_tables(conn)
         if missing:
@@ -344,7 +343,7 @@ def _local_only(address) -> bool:
 
 def run_list(args: argparse.Namespace) -> int:
     """List dead letters, the oldest first."""
-    with _connection(_settings()) as conn:
+    with opened(_settings()) as conn:
         total = deadletters.count(conn)
         letters = deadletters.list_dead_letters(conn, args.limit)
     if letters:
@@ -362,7 +361,7 @@ def run_list(args: argparse.Namespace) -> int:
 
 def run_show(args: argparse.Namespace) -> int:
     """Show one dead letter: why it was refused, when, and its payload as stored."""
-    with _connection(_settings()) as conn:
+    with opened(_settings()) as conn:
         found = deadletters.show(conn, args.event_id)
     if found is None:
         raise CommandFailed(f"no dead letter {args.event_id}")
@@ -385,7 +384,7 @@ def run_retry(args: argparse.Namespace) -> int:
     seen: set[str] = set()
     writer = _writer(settings)
     try:
-        with _connection(settings) as conn:
+        with opened(settings) as conn:
             for outcome in deadletters.retry(conn, writer, wanted):
                 seen.add(outcome.event_id)
                 if outcome.stored:
@@ -409,7 +408,7 @@ def run_retry(args: argparse.Namespace) -> int:
 
 def run_purge(args: argparse.Namespace) -> int:
     """Delete the dead letters whose last failure is older than the given days."""
-    with _connection(_settings()) as conn:
+    with opened(_settings()) as conn:
         purged = deadletters.purge(conn, args.older_than)
     print(f"{purged} dead letter{'s' if purged != 1 else ''} purged "
           f"(failed more than {args.older_than} days ago)")
@@ -560,7 +559,7 @@ def run_partitions(args: argparse.Namespace) -> int:
         print(f"maintenance: created {_names(done['partitions_created'])}; "
               f"dropped {_names(done['partitions_dropped'])}; "
               f"rollup keys added {_names(done['keys_added'])}")
-    with _connection(settings) as conn:
+    with opened(settings) as conn:
         found = partitions.sizes(conn)
     if not found:
         print("no partitions: events does not exist yet (the first worker creates it)")
@@ -595,24 +594,19 @@ def connect(settings: Settings, autocommit: bool = True,
                             autocommit=autocommit)
 
 
-class _connection:
-    """A connection for one command, closed at the end; an unreachable database fails it."""
-
-    def __init__(self, settings: Settings) -> None:
-        self._settings = settings
-        self._conn: psycopg2.extensions.connection | None = None
-
-    def __enter__(self) -> psycopg2.extensions.connection:
-        try:
-            self._conn = connect(self._settings)
-        except psycopg2.Error as ex:
-            raise CommandFailed(f"database unreachable: {_first_line(ex)}") from None
-        return self._conn
-
-    def __exit__(self, kind, value, traceback) -> None:
-        self._conn.close()
-        if isinstance(value, psycopg2.Error):
-            raise CommandFailed(_first_line(value)) from None
+@contextlib.contextmanager
+def opened(settings: Settings) -> Iterator[psycopg2.extensions.connection]:
+    """Yield a connection for one command and close it; database errors fail the command."""
+    try:
+        conn = connect(settings)
+    except psycopg2.Error as ex:
+        raise CommandFailed(f"database unreachable: {_first_line(ex)}") from None
+    try:
+        yield conn
+    except psycopg2.Error as ex:
+        raise CommandFailed(_first_line(ex)) from None
+    finally:
+        conn.close()
 
 
 def _writer(settings: Settings) -> BatchWriter:

@@ -1,4 +1,4 @@
-"""The dead letters: list them, show one, write them again once their cause is fixed, purge old ones.
+"""Dead letters: list them, show one, write them again once their cause is fixed, purge old ones.
 
 A dead letter (storage/writer.py `BatchWriter._dead_letter`) holds the event as the writer
 had it, as JSON bytes: `{"event_id", "user_id", "timestamp", "metadata", "received_at"}`,

@@ -13,11 +13,22 @@ import psycopg2.extensions
 from storage.database import SCHEMA_PATH
 
 TABLES = tuple(re.findall(r"CREATE TABLE IF NOT EXISTS (\w+)", SCHEMA_PATH.read_text()))
+SERVER = "SELECT current_setting('server_version'), current_user"
 MISSING = "SELECT t FROM unnest(%s::text[]) AS t WHERE to_regclass(t) IS NULL"
 PROBE_EVENT = ('INSERT INTO events (event_id, user_id, "timestamp", metadata, received_at) '
                "VALUES (%s, 0, now(), '{}', now())")
 PROBE_DEAD_LETTER = ("INSERT INTO dead_letters (event_id, payload, error_code, error_message) "
                      "VALUES (%s, '', 'probe', 'firehose check')")
+
+
+def server(conn: psycopg2.extensions.connection) -> tuple[str, str]:
+    """Return the server's version and the user the connection logged in as."""
+    with conn.cursor() as cur:
+        cur.execute(SERVER)
+        found = cur.fetchone()
+    if not conn.autocommit:
+        conn.rollback()
+    return found
 
 
 def missing_tables(conn: psycopg2.extensions.connection) -> list[str]:
