@@ -50,6 +50,9 @@ READ_CHUNK = 10_000  # spool records read at a time when counting them
 SPOOL_PROBE_PREFIX = ".firehose-check-"  # a file, never a directory: workers skip it
 
 FAIL = 1
+# A refused connection, and a host name that does not resolve (storage/database.py resolves
+# it itself, with socket.getaddrinfo).
+CONNECT_ERRORS = (psycopg2.Error, OSError)
 
 
 class CommandFailed(Exception):
@@ -170,10 +173,13 @@ def run_check(args: argparse.Namespace) -> int:
     except Exception as ex:  # gunicorn's own validation: a bad bind, workers, config file
         report.fail("gunicorn", f"its configuration does not load: {ex}")
         return FAIL
-    dsn = psycopg2.extensions.parse_dsn(settings.database_url)
+    try:
+        dsn = psycopg2.extensions.parse_dsn(settings.database_url)
+    except psycopg2.Error as ex:
+        report.fail("settings", f"DATABASE_URL is not a libpq URI: {_first_line(ex)}")
+        return FAIL
     target = f"{dsn.get('dbname', '(default database)')} on {dsn.get('host', 'local socket')}"
-    workers = f"{gunicorn.workers} worker{'s' if gunicorn.workers != 1 else ''}"
-    report.ok("settings", f"valid; database {target}, {workers}, "
+    report.ok("settings", f"valid; database {target}, {_workers(gunicorn.workers)}, "
                           f"binds {', '.join(gunicorn.bind)}")
     _check_database(report, settings)
     _check_spool(report, settings, gunicorn.workers)
@@ -184,7 +190,7 @@ def run_check(args: argparse.Namespace) -> int:
 def _check_database(report: Report, settings: Settings) -> None:
     try:
         conn = connect(settings)
-    except psycopg2.Error as ex:
+    except CONNECT_ERRORS as ex:
         report.fail("database", f"unreachable: {_first_line(ex)}")
         return
     try:
@@ -238,7 +244,7 @@ def _check_spool(report: Report, settings: Settings, workers: int) -> None:
     spooled = sum(d.bytes for d in spool_directories(root)) if root.is_dir() else 0
     budget = settings.spool_max_bytes * workers
     room = f"{_size(free)} free" + (f" and {_size(spooled)} spooled" if spooled else "")
-    need = (f"a spool budget of {workers} workers × {_size(settings.spool_max_bytes)} "
+    need = (f"a spool budget of {_workers(workers)} × {_size(settings.spool_max_bytes)} "
             f"(COLLECTOR_SPOOL_MAX_BYTES)")
     if free + spooled < budget:
         report.fail("disk", f"{room} on {existing}, less than {need}: a long outage would "
@@ -589,9 +595,13 @@ def connect(settings: Settings, autocommit: bool = True,
     if "connect_timeout" not in psycopg2.extensions.parse_dsn(dsn):
         seconds = max(MIN_CONNECT_TIMEOUT, math.ceil(settings.connect_timeout))
         dsn = psycopg2.extensions.make_dsn(dsn, connect_timeout=seconds)
-    return database.connect(dsn, statement_timeout or settings.statement_timeout,
-                            settings.lock_timeout, application_name=APPLICATION_NAME,
-                            autocommit=autocommit)
+    try:
+        return database.connect(dsn, statement_timeout or settings.statement_timeout,
+                                settings.lock_timeout, application_name=APPLICATION_NAME,
+                                autocommit=autocommit)
+    except OSError as ex:
+        host = psycopg2.extensions.parse_dsn(dsn).get("host")
+        raise OSError(f"host {host!r} not found: {ex}") from ex
 
 
 @contextlib.contextmanager
@@ -599,7 +609,7 @@ def opened(settings: Settings) -> Iterator[psycopg2.extensions.connection]:
     """Yield a connection for one command and close it; database errors fail the command."""
     try:
         conn = connect(settings)
-    except psycopg2.Error as ex:
+    except CONNECT_ERRORS as ex:
         raise CommandFailed(f"database unreachable: {_first_line(ex)}") from None
     try:
         yield conn
@@ -637,6 +647,10 @@ def _natural(text: str) -> int:
 def _first_line(ex: BaseException) -> str:
     lines = str(ex).strip().splitlines()
     return lines[0] if lines else type(ex).__name__
+
+
+def _workers(count: int) -> str:
+    return f"{count} worker{'s' if count != 1 else ''}"
 
 
 def _names(names: Sequence[str]) -> str:
