@@ -8,6 +8,7 @@ The hooks import nothing of the project; they reach the app gunicorn loaded in t
 import glob
 import os
 import shutil
+import sys
 import tempfile
 
 # --- The application --------------------------------------------------------
@@ -44,13 +45,17 @@ graceful_timeout = 30
 # --- Logging ----------------------------------------------------------------
 # gunicorn owns the handlers; the app's loggers (collector.*, storage.*) and gunicorn's
 # own write JSON lines to stderr: {"level", "logger", "pid", "message", "time"} (plus
-# "exc_info" with a traceback). Nothing is logged per event at info.
+# "exc_info" with a traceback), or plain lines for a person at a terminal
+# (COLLECTOR_LOG_FORMAT). Nothing is logged per event at info.
 # Access logs (ACCESS_LOG=1) go to stdout in Apache's combined format, except that
 # the user field is always "-": a Basic auth user name is a write key here.
 loglevel = os.environ.get("COLLECTOR_LOG_LEVEL", "info")
 _level = loglevel.upper()
 accesslog = "-" if os.environ.get("ACCESS_LOG") else None
 logger_class = "collector.logs.GunicornLogger"
+_format = os.environ.get("COLLECTOR_LOG_FORMAT", "auto").strip().lower()
+if _format not in ("json", "plain"):  # auto (a bad value is refused by the app's settings)
+    _format = "plain" if sys.stderr.isatty() else "json"
 _access_handlers = ["access_stream"] if os.environ.get("ACCESS_LOG") else ["discard"]
 access_log_format = '%(h)s %(l)s - %(t)s "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s"'
 logconfig_dict = {
@@ -64,7 +69,7 @@ logconfig_dict = {
         "storage": {"level": _level, "handlers": ["error_stream"], "propagate": False},
     },
     "handlers": {
-        "error_stream": {"class": "logging.StreamHandler", "formatter": "json",
+        "error_stream": {"class": "logging.StreamHandler", "formatter": _format,
                          "stream": "ext://sys.stderr"},
         "access_stream": {"class": "logging.StreamHandler", "formatter": "access",
                           "stream": "ext://sys.stdout"},
@@ -75,6 +80,7 @@ logconfig_dict = {
                  "fmt": "%(levelname)s %(name)s %(process)d %(message)s",
                  "rename_fields": {"levelname": "level", "name": "logger", "process": "pid"},
                  "timestamp": "time"},  # ISO 8601, UTC, microseconds
+        "plain": {"format": "%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"},
         "access": {"format": "%(message)s"},
     },
 }
@@ -115,6 +121,12 @@ def child_exit(server, worker):
     # switch, so the copy later workers inherit is safe under gevent (pitfall 8).
     from prometheus_client import multiprocess
     multiprocess.mark_process_dead(worker.pid)
+
+
+def when_ready(server):
+    """Say where the service listens: with reuse_port each worker binds its own socket,
+    so gunicorn's own "Listening at" line has no address to show."""
+    server.log.info("firehose listening at %s", ", ".join(f"http://{b}" for b in server.cfg.bind))
 
 
 def post_worker_init(worker):
