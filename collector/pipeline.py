@@ -162,7 +162,10 @@ class Pipeline:
         elif self.watchdog.stalled(time.monotonic()):
             problems.append("flusher made no progress for "
                             f"{self.watchdog.stall_after:g} s")
-        if self.spool.bytes >= self.spool.max_bytes * READY_SPOOL_FRACTION:
+        disk_problem = self.spool.disk_problem()
+        if disk_problem is not None:
+            problems.append(disk_problem)  # the disk, not the budget
+        elif self.spool.bytes >= self.spool.max_bytes * READY_SPOOL_FRACTION:
             problems.append("spool is full")
         body = {
             "status": "ready" if not problems else "not ready",
