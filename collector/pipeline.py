@@ -18,7 +18,7 @@ from collector.maintenance import Maintenance
 from collector.metrics import WorkerStats
 from collector.queue import EventQueue
 from collector.settings import Settings
-from collector.spool import Spool
+from collector.spool import Spool, SpoolUnwritable
 from collector.validation import Event
 from storage import database
 from storage.backoff import Backoff
@@ -33,6 +33,10 @@ SHUTDOWN_POLL = 0.1  # seconds between looks at gunicorn's worker.alive
 SHUTDOWN_MARGIN = 2.0  # seconds kept free before gunicorn's SIGKILL
 MAINTENANCE_STATEMENT_TIMEOUT = 60.0  # seconds for one partition step (moving strays)
 GAUGE_INTERVAL = 1.0  # seconds between updates of the backlog gauges of /metrics
+# gunicorn's APP_LOAD_ERROR: when a booting worker exits with it, the master stops instead
+# of booting another (gunicorn 27 arbiter.reap_workers), and conf/firehose.service's
+# RestartPreventExitStatus keeps systemd from starting it again.
+APP_LOAD_ERROR = 4
 
 
 class Pipeline:
@@ -73,7 +77,13 @@ class Pipeline:
         # psycopg2 must wait cooperatively, or every query freezes the worker (pitfall 2).
         import psycogreen.gevent
         psycogreen.gevent.patch_psycopg()
-        self.spool.open()
+        try:
+            self.spool.open()
+        except SpoolUnwritable as ex:
+            # A deployment error that no restart fixes: one line, no traceback, no boot loop.
+            logger.error("%s; stopping with exit status %d (not restarted by systemd)",
+                         ex, APP_LOAD_ERROR)
+            raise SystemExit(APP_LOAD_ERROR) from None
         self.flusher.start()
         self.maintenance.start()
         self.started = True
