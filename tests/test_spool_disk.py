@@ -143,7 +143,6 @@ def small_disk(spool_root):
         yield path
 
 
-@pytest.mark.slow
 def test_a_full_disk_answers_503_and_recovers_without_a_restart(small_disk, start_collector,
                                                                 database):
     collector = start_collector(workers=1)  # default 16 MiB segments: far above the disk
