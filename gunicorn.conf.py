@@ -6,6 +6,7 @@ The hooks reach the app gunicorn loaded in the worker; the only project module t
 master imports is collector.settings (standard library only), to check the start.
 """
 
+import errno
 import glob
 import os
 import shutil
@@ -125,6 +126,8 @@ def check_start(server):
         os.makedirs(spool_dir, exist_ok=True)
         tempfile.TemporaryFile(dir=spool_dir).close()
     except OSError as ex:
+        if ex.errno in (errno.ENOSPC, errno.EDQUOT):
+            return  # a full disk passes: the workers answer 503 until it has room
         server.log.error("spool directory %s cannot be written: %s; stopping with exit "
                          "status %d (not restarted by systemd)", os.path.abspath(spool_dir),
                          ex.strerror or ex, APP_LOAD_ERROR)

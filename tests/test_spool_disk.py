@@ -61,6 +61,17 @@ def fill(spool: Spool) -> tuple[list[bytes], SpoolDiskFull]:
     raise AssertionError(f"{MAX_APPENDS} appends and the disk is still not full")
 
 
+def exhaust_inodes(disk: pathlib.Path) -> list[pathlib.Path]:
+    """Create empty files until the filesystem has no inode left; return them."""
+    fillers = []
+    with pytest.raises(OSError):
+        for n in range(MAX_APPENDS):
+            path = disk / f"filler-{n}"
+            path.touch()
+            fillers.append(path)
+    return fillers
+
+
 def on_disk(spool: Spool) -> int:
     return sum(p.stat().st_size for p in spool.directory.glob("*.seg"))
 
@@ -100,15 +111,34 @@ def test_a_full_disk_refuses_whole_events_and_gives_the_space_back(tmp_path, seg
             spool.close()
 
 
+def test_a_torn_write_that_cannot_be_cut_off_is_skipped(tmp_path, monkeypatch):
+    with tmpfs(tmp_path / "disk", f"size={TINY_DISK}") as disk:
+        filler = disk / "filler"
+        filler.write_bytes(b"f" * 4096)  # freed later, to write after the torn bytes
+        spool = Spool(str(disk / "spool"), 16 << 20, max_bytes=1 << 30, fsync="never")
+        spool.open()
+        try:
+            def refuse(fd, length):
+                raise OSError(5, "Input/output error")
+
+            with monkeypatch.context() as patch:
+                patch.setattr(os, "ftruncate", refuse)  # the torn write stays on disk
+                taken, _ = fill(spool)
+            whole = sum(len(encode_record(p)) for p in taken)
+            assert on_disk(spool) == spool.bytes > whole, "no torn bytes to skip"
+            filler.unlink()
+            position = spool.append([b"after the torn bytes"])[0]
+            assert position.offset == on_disk(spool) - len(encode_record(b"after the torn bytes"))
+            records, _ = spool.read(SpoolPosition(1, 0), MAX_APPENDS)
+            assert [r.payload for r in records] == taken + [b"after the torn bytes"]
+        finally:
+            spool.close()
+
+
 def test_a_disk_full_at_start_is_not_fatal(tmp_path):
     # tmpfs directories and empty files take no space, but inodes: exhaust those.
     with tmpfs(tmp_path / "disk", f"size={TINY_DISK},nr_inodes=8") as disk:
-        fillers = []
-        with pytest.raises(OSError):
-            for n in range(MAX_APPENDS):
-                path = disk / f"filler-{n}"
-                path.touch()
-                fillers.append(path)
+        fillers = exhaust_inodes(disk)
         spool = Spool(str(disk), 4096, max_bytes=1 << 20, fsync="never")
         spool.open()  # does not raise: the worker serves 503s and its flusher drains others
         try:
@@ -181,6 +211,34 @@ def test_a_full_disk_answers_503_and_recovers_without_a_restart(small_disk, star
     assert free.f_bavail * free.f_frsize >= SMALL_DISK // 2, "the space was not given back"
     print(f"\nfull disk: {len(accepted)} of {len(stream.sent)} POSTs answered 202 on a "
           f"{SMALL_DISK // 1024} KiB spool disk, the rest 503; all stored once after")
+    assert "Traceback" not in collector.output()
+
+
+def test_a_disk_full_at_start_answers_503_until_it_has_room(spool_root, database):
+    with tmpfs(spool_root / "spool", f"size={SMALL_DISK},nr_inodes=8") as disk:
+        fillers = exhaust_inodes(disk)  # no worker can create its spool directory
+        collector = Collector(database.url, disk, {}, workers=1)
+        log = open(collector.log_path, "ab")
+        collector.process = subprocess.Popen(
+            [str(GUNICORN), "-c", "gunicorn.conf.py", "--bind", f"127.0.0.1:{collector.port}"],
+            cwd=PROJECT_DIR, env=collector.env, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        try:
+            wait_until(lambda: get_json(collector.url + "/ready")[0] == 503, 30,
+                       "the worker to answer /ready")
+            assert get_json(collector.url + "/ready")[1]["problems"] == ["spool disk is full"]
+            refused = post_json(collector.url + "/event", make_event())
+            assert refused.status == 503 and refused.body["limit"] == "spool_disk", refused
+            for path in fillers:
+                path.unlink()
+            wait_until(lambda: get_json(collector.url + "/ready")[0] == 200, 30,
+                       "/ready to be 200 once the disk has room")
+            accepted = post_json(collector.url + "/event", make_event())
+            assert accepted.status == 202, accepted
+            wait_until(lambda: database.event_ids() == [accepted.body["event_id"]], 30,
+                       "the event accepted once the disk had room")
+        finally:
+            assert collector.terminate() == 0, collector.output()
     assert "Traceback" not in collector.output()
 
 
