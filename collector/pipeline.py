@@ -69,6 +69,9 @@ class Pipeline:
     def start(self, worker_alive: Callable[[], bool] | None = None) -> None:
         """Open the spool and start the flusher; call once, in the worker, after the fork.
 
+        A spool directory that cannot be written ends the worker with APP_LOAD_ERROR,
+        which stops gunicorn's master too (a full disk does not: see Spool.open).
+
         `worker_alive` (gunicorn's `worker.alive`) lets the flusher learn of a graceful
         stop at once: the gevent worker may spend most of graceful_timeout waiting for
         keep-alive connections before worker_exit runs (pitfall 7), so draining

@@ -73,6 +73,7 @@ def exhaust_inodes(disk: pathlib.Path) -> list[pathlib.Path]:
 
 
 def on_disk(spool: Spool) -> int:
+    """Return the bytes of the spool's segment files, as the filesystem sees them."""
     return sum(p.stat().st_size for p in spool.directory.glob("*.seg"))
 
 
