@@ -2,9 +2,11 @@
 
 Keep this file free of project imports: it is read by the master before gevent's
 monkey-patching, and anything it imports would be imported unpatched (pitfall 8).
-The hooks import nothing of the project; they reach the app gunicorn loaded in the worker.
+The hooks reach the app gunicorn loaded in the worker; the only project module the
+master imports is collector.settings (standard library only), to check the start.
 """
 
+import errno
 import glob
 import os
 import shutil
@@ -96,16 +98,45 @@ control_socket_disable = True
 METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 METRICS_DIR_GIVEN = bool(os.environ.get(METRICS_DIR_ENV))
 
+# gunicorn's APP_LOAD_ERROR, the exit status conf/firehose.service does not restart on.
+APP_LOAD_ERROR = 4
+
 
 # --- Hooks --------------------------------------------------------------------
 def on_starting(server):
-    """Give this run's metrics an empty directory, before any worker is forked."""
+    """Check the settings and the spool directory, then give this run's metrics an empty
+    directory, before any worker is forked."""
+    check_start(server)
     if METRICS_DIR_GIVEN:
         os.makedirs(os.environ[METRICS_DIR_ENV], exist_ok=True)
         for path in glob.glob(os.path.join(os.environ[METRICS_DIR_ENV], "*.db")):
             os.remove(path)
     else:
         os.environ[METRICS_DIR_ENV] = tempfile.mkdtemp(prefix="firehose-metrics-")
+
+
+def check_start(server):
+    """Exit with APP_LOAD_ERROR and one line if the settings or the spool directory are bad."""
+    # The workers check too (and exit with the same status), but when several booting
+    # workers exit with it at once, gunicorn 27's master meets the second exit while
+    # halting for the first (Arbiter.stop -> reap_workers raises HaltServer again) and
+    # exits 1 with a traceback, which systemd would restart. So check once, here.
+    from collector.settings import Settings, SettingsError
+    try:
+        spool_dir = Settings.from_environ().spool_dir
+    except SettingsError as ex:
+        print(f"firehose: configuration error: {ex}", file=sys.stderr)
+        sys.exit(APP_LOAD_ERROR)
+    try:
+        os.makedirs(spool_dir, exist_ok=True)
+        tempfile.TemporaryFile(dir=spool_dir).close()
+    except OSError as ex:
+        if ex.errno in (errno.ENOSPC, errno.EDQUOT):
+            return  # a full disk passes: the workers answer 503 until it has room
+        server.log.error("spool directory %s cannot be written: %s; stopping with exit "
+                         "status %d (not restarted by systemd)", os.path.abspath(spool_dir),
+                         ex.strerror or ex, APP_LOAD_ERROR)
+        sys.exit(APP_LOAD_ERROR)
 
 
 def on_exit(server):
