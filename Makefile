@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test bench clean
+.PHONY: run test bench chaos clean
 
 # Start PostgreSQL (project-local unless DATABASE_URL is set) and gunicorn.
 run: $(STAMP)
@@ -16,6 +16,10 @@ test: $(STAMP)
 # Run the benchmark scenarios and print the table of figures.
 bench: $(STAMP)
 	$(PY) bench/run.py $(BENCH_ARGS)
+
+# Load the service while faults come at random (CHAOS_ARGS='--duration 1800 --seed 7').
+chaos: $(STAMP)
+	$(PY) -m tests.chaos $(CHAOS_ARGS)
 
 # Stop the project-local PostgreSQL and remove the virtualenv and var/.
 clean:
