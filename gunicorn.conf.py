@@ -1,7 +1,7 @@
 """gunicorn settings for Firehose: `gunicorn -c gunicorn.conf.py` with DATABASE_URL set.
 
 Keep this file free of project imports: it is read by the master before gevent's
-monkey-patching, and anything it imports would be imported unpatched (pitfall 8).
+monkey-patching, and anything it imports would be imported unpatched (docs/gevent-and-psycopg2.md).
 The hooks reach the app gunicorn loaded in the worker; the only project module the
 master imports is collector.settings (standard library only), to check the start.
 """
@@ -16,7 +16,7 @@ import tempfile
 # --- The application --------------------------------------------------------
 wsgi_app = "collector.app:get_app()"
 # No preload: the app (and its PostgreSQL connection) is built in each worker,
-# after the fork and after gevent's patch_all (pitfalls 7 and 8).
+# after the fork and after gevent's patch_all (docs/gevent-and-psycopg2.md).
 preload_app = False
 
 # --- Binding ----------------------------------------------------------------
@@ -24,7 +24,7 @@ preload_app = False
 bind = [f"{os.environ.get('HOST', '127.0.0.1')}:{os.environ.get('PORT', '8000')}"]
 backlog = 4096
 # Each worker binds its own socket and the kernel spreads new connections evenly,
-# instead of the busiest worker winning accept() races (pitfall 11).
+# instead of the busiest worker winning accept() races.
 reuse_port = True
 
 # --- Workers ----------------------------------------------------------------
@@ -38,7 +38,7 @@ timeout = 30
 
 # --- Keep-alive and shutdown -------------------------------------------------
 # Longer than nginx's upstream keepalive_timeout (10 s in conf/nginx.conf), so that
-# nginx, not gunicorn, closes idle connections and no POST meets a closed one (pitfall 9).
+# nginx, not gunicorn, closes idle connections and no POST meets a closed one.
 keepalive = 15
 # SIGTERM: stop accepting, finish requests, flush the queue to PostgreSQL; after this
 # many seconds the master kills the worker and its spool is replayed by the next.
@@ -149,7 +149,7 @@ def child_exit(server, worker):
     """Drop a dead worker's gauges from /metrics; its counters still count."""
     # Imported here, in the master, only once a worker has exited. gunicorn has already
     # imported ssl and threading, and prometheus_client holds no lock across a greenlet
-    # switch, so the copy later workers inherit is safe under gevent (pitfall 8).
+    # switch, so the copy later workers inherit is safe under gevent.
     from prometheus_client import multiprocess
     multiprocess.mark_process_dead(worker.pid)
 

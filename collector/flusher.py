@@ -35,7 +35,7 @@ class Watchdog:
 
     Every round trip also gets a deadline of its own: in green mode libpq's
     connect_timeout is ignored and a black-holed socket would wait forever
-    (pitfall 3), while gunicorn keeps seeing a healthy worker.
+    (docs/gevent-and-psycopg2.md), while gunicorn keeps seeing a healthy worker.
     """
 
     def __init__(self, operation_timeout: float, stall_after: float) -> None:

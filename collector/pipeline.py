@@ -2,7 +2,7 @@
 greenlet of partitions and rollup keys), wired from settings.
 
 Built in `get_app()`, started after the fork by gunicorn's `post_worker_init` hook
-(never in the master, pitfall 7), drained by `worker_exit`.
+(never in the master: a greenlet started there does not run in the worker), drained by `worker_exit`.
 """
 
 import functools
@@ -75,10 +75,10 @@ class Pipeline:
 
         `worker_alive` (gunicorn's `worker.alive`) lets the flusher learn of a graceful
         stop at once: the gevent worker may spend most of graceful_timeout waiting for
-        keep-alive connections before worker_exit runs (pitfall 7), so draining
+        keep-alive connections before worker_exit runs (gunicorn#2303), so draining
         starts here, and worker_exit only waits for it.
         """
-        # psycopg2 must wait cooperatively, or every query freezes the worker (pitfall 2).
+        # psycopg2 must wait cooperatively, or every query freezes the worker.
         import psycogreen.gevent
         psycogreen.gevent.patch_psycopg()
         try:
