@@ -9,17 +9,18 @@ STAMP := $(VENV)/.installed
 run: $(STAMP)
 	@scripts/run.sh
 
-# Run the whole test suite against a real PostgreSQL, gunicorn and nginx.
+# Run the whole test suite against a real PostgreSQL, gunicorn and nginx
+# (PG=embedded or PG=system: which PostgreSQL the suite starts; see storage/localdb.py).
 test: $(STAMP)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(if $(PG),FIREHOSE_PG=$(PG)) $(PY) -m pytest $(PYTEST_ARGS)
 
 # Run the benchmark scenarios and print the table of figures.
 bench: $(STAMP)
 	$(PY) bench/run.py $(BENCH_ARGS)
 
-# Stop the project-local PostgreSQL and remove the virtualenv and var/.
+# Stop the project-local PostgreSQL, remove its data, the virtualenv (and the embedded server) and var/.
 clean:
-	-[ -x $(PY) ] && $(PY) -m storage.localdb stop
+	-[ -x $(PY) ] && $(PY) -m storage.localdb remove
 	rm -rf $(VENV) var
 
 $(STAMP): pyproject.toml
