@@ -124,13 +124,16 @@ def reachable_bin_dir(bin_dir: pathlib.Path, user: str) -> pathlib.Path:
     if not (copied_bin / "postgres").exists():
         print(f"localdb: {user} cannot reach {bin_dir}; copying the binaries to {copy}",
               file=sys.stderr)
-        shutil.rmtree(copy, ignore_errors=True)
+        partial = copy.with_name(copy.name + ".partial")  # renamed once whole
+        shutil.rmtree(partial, ignore_errors=True)
         for part in COPIED_PARTS:
-            shutil.copytree(package_dir / INSTALL_DIR / part, copy / PACKAGE / INSTALL_DIR / part,
-                            symlinks=True)
+            shutil.copytree(package_dir / INSTALL_DIR / part,
+                            partial / PACKAGE / INSTALL_DIR / part, symlinks=True)
         if (package_dir.parent / LIBS_DIR).exists():
-            shutil.copytree(package_dir.parent / LIBS_DIR, copy / LIBS_DIR, symlinks=True)
-        subprocess.run(["chmod", "-R", "go+rX", str(copy)], check=True)
+            shutil.copytree(package_dir.parent / LIBS_DIR, partial / LIBS_DIR, symlinks=True)
+        subprocess.run(["chmod", "-R", "go+rX", str(partial)], check=True)
+        shutil.rmtree(copy, ignore_errors=True)
+        partial.rename(copy)
     return copied_bin
 
 
@@ -141,7 +144,7 @@ def project_digest() -> str:
 
 def remove_copies() -> None:
     """Delete this project's copies of the binaries made for root."""
-    for copy in pathlib.Path("/var/tmp").glob(f"{COPY_PREFIX}*-{project_digest()}"):
+    for copy in pathlib.Path("/var/tmp").glob(f"{COPY_PREFIX}*-{project_digest()}*"):
         shutil.rmtree(copy, ignore_errors=True)
 
 
