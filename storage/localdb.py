@@ -24,6 +24,7 @@ import hashlib
 import os
 import pathlib
 import pwd
+import re
 import shutil
 import subprocess
 import sys
@@ -124,12 +125,12 @@ def choose_server_kind(setting: str | None = None,
 def open_server(kind: str | None = None, data_dir: pathlib.Path | None = None,
                 port: int = DEFAULT_PORT, settings: dict[str, str] | None = None,
                 install: bool = True) -> "LocalPostgres":
-    """Return the server of this kind (choose_server_kind()'s by default), not started yet.
+    """Return the server of this kind (by default FIREHOSE_PG's, see choose_server_kind).
 
-    data_dir defaults to var/ (see default_data_dir). With install False nothing is
-    installed: a kind whose binaries are absent raises LocalDatabaseError.
+    It is not started. data_dir defaults to var/ (see default_data_dir). With install
+    False nothing is installed: a kind whose binaries are absent raises LocalDatabaseError.
     """
-    kind = kind or choose_server_kind()
+    kind = choose_server_kind(kind)
     if kind == "embedded":
         from storage.embedded import EmbeddedPostgres  # it builds on this module
         return EmbeddedPostgres(data_dir, port, settings, install=install)
@@ -185,7 +186,8 @@ class LocalPostgres:
         """Return the binaries' version, e.g. "PostgreSQL 18.6"."""
         out = subprocess.run([str(self.bin_dir / "postgres"), "--version"],
                              capture_output=True, text=True).stdout
-        return "PostgreSQL " + out.split()[-1] if out else "PostgreSQL (unknown version)"
+        match = re.search(r"\(PostgreSQL\) (\S+)", out)  # postgres (PostgreSQL) 15.18 (Debian ...)
+        return f"PostgreSQL {match.group(1) if match else '(unknown version)'}"
 
     def url(self, database: str = DEFAULT_DATABASE) -> str:
         """Return the libpq URI of a database on this server."""
