@@ -6,4 +6,5 @@ pytest_plugins = [
     "tests.fixtures.nginx",
     "tests.fixtures.pgbouncer",
     "tests.fixtures.prometheus",
+    "tests.fixtures.browser",
 ]
