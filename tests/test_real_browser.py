@@ -138,6 +138,26 @@ def test_snippet_sends_its_batch_when_the_page_is_hidden(browser, page_origins, 
     page.close()
 
 
+def test_snippet_sends_its_batch_when_another_tab_hides_it(browser, page_origins, collectors):
+    open_collector, _, database = collectors
+    origin = page_origins[0].origin
+    page = browser.open_page(origin + "/snippet.html")
+    start_snippet(page, {"url": open_collector.url, "batchSize": 100, "flushInterval": 600000})
+    first = track(page, 3)
+    other = browser.open_page(origin + "/blank.html")  # the new tab hides the first
+    assert page.evaluate("[document.visibilityState, firehose.pending(), firehose.sent]") == [
+        "hidden", 0, 3]
+    wait_stored_once(database, first)
+    browser.send("Target.activateTarget", {"targetId": page.target})  # back to the first tab
+    assert page.evaluate("document.visibilityState") == "visible"
+    later = track(page, 2)  # a page shown again batches as before
+    assert page.evaluate("[firehose.pending(), firehose.sent]") == [2, 3]
+    other.close()
+    page.navigate(origin + "/blank.html")
+    wait_stored_once(database, first + later)
+    page.close()
+
+
 def test_snippet_sends_full_batches_with_its_write_key(browser, page_origins, collectors):
     _, keyed, database = collectors
     page = browser.open_page(page_origins[0].origin + "/snippet.html")
