@@ -1,4 +1,4 @@
-"""Firehose watched by a real Prometheus: the shipped alerts fire, the dashboard's queries answer."""
+"""Firehose watched by a real Prometheus: the shipped alerts fire, the dashboard's queries work."""
 
 import json
 import math

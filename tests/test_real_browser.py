@@ -57,13 +57,17 @@ def posts(collector: Collector, route: str, method: str = "POST") -> float:
                  method=method)
 
 
+def beacon(url: str, document: object) -> str:
+    """Return JavaScript that sends a JSON document with navigator.sendBeacon (text/plain)."""
+    return f"navigator.sendBeacon({json.dumps(url)}, {json.dumps(json.dumps(document))})"
+
+
 def test_send_beacon_from_an_allowed_origin(browser, page_origins, collectors):
     open_collector, _, database = collectors
     page = browser.open_page(page_origins[0].origin + "/blank.html")
     single, batch = make_event(), [make_event(), make_event()]
-    queued = page.evaluate(f"""[
-        navigator.sendBeacon({json.dumps(open_collector.url + "/event")}, {json.dumps(json.dumps(single))}),
-        navigator.sendBeacon({json.dumps(open_collector.url + "/events")}, {json.dumps(json.dumps(batch))})]""")
+    queued = page.evaluate(f"[{beacon(open_collector.url + '/event', single)}, "
+                           f"{beacon(open_collector.url + '/events', batch)}]")
     assert queued == [True, True]  # the browser took them (text/plain: no preflight)
     wait_stored_once(database, [single["event_id"]] + [e["event_id"] for e in batch])
     page.close()
@@ -106,10 +110,9 @@ def test_an_origin_not_allowed_is_refused_by_the_browser(browser, page_origins, 
     assert stored_counts(database, [event["event_id"]]) == {}
     # CORS only hides answers: a beacon, which needs no preflight, is delivered and stored
     # from any origin. Only write keys (which a beacon cannot carry) keep other sites out.
-    beacon = make_event()
-    assert page.evaluate(f"navigator.sendBeacon({json.dumps(open_collector.url + '/event')}, "
-                         f"{json.dumps(json.dumps(beacon))})") is True
-    wait_stored_once(database, [beacon["event_id"]])
+    delivered = make_event()
+    assert page.evaluate(beacon(open_collector.url + "/event", delivered)) is True
+    wait_stored_once(database, [delivered["event_id"]])
     page.close()
 
 

@@ -3,7 +3,8 @@
  *
  *   <script src="firehose.js"></script>
  *   <script>
- *     var firehose = new Firehose({url: "https://collector.example.com", writeKey: "wk_live_3f9a"});
+ *     var firehose = new Firehose({url: "https://collector.example.com",
+ *                                 writeKey: "wk_live_3f9a"});  // or no key: beacons
  *     firehose.track(42, {page: location.pathname});
  *   </script>
  *
