@@ -26,6 +26,9 @@ README = PROJECT_DIR / "README.md"
 PROMTOOL = "promtool"
 EVENTS = 300
 OUTAGE_EVENTS = 20
+SPOOL_BUDGET = 128 * 1024  # bytes per worker: the flood fills it
+FLOOD_EVENTS = 1000  # about 4 spool budgets of padded events, spread over the two workers
+FLOOD_PADDING = 500  # characters of metadata per event
 FOR_IN_TEST = "2s"  # every rule's `for:` in the test's copy (the shipped ones are minutes)
 RATE_WINDOW = "1m"  # what Grafana's $__rate_interval stands for in the dashboard's queries
 DASHBOARD_TIMEOUT = 5  # seconds for a panel's query to have data: a few scrapes
@@ -93,6 +96,14 @@ def test_new_gauges_and_counters():
     def sample(name: str, **labels) -> float | None:
         return registry.get_sample_value(name, labels)
 
+    # The answers FirehoseServerErrors counts exist before the first of them.
+    for route in ("/event", "/events"):
+        for status in ("500", "503"):
+            assert sample("firehose_http_requests_total", route=route, method="POST",
+                          status=status) == 0
+    stats.count_request("/event", "POST", 503)
+    assert sample("firehose_http_requests_total", route="/event", method="POST",
+                  status="503") == 1
     stats.count_start()
     assert sample("firehose_worker_starts_total") == 1
     stats.sample(3, 5, 250, 1000, 12.5)
@@ -110,6 +121,11 @@ def test_new_gauges_and_counters():
     assert (sample("firehose_database_up"), sample("firehose_database_broken")) == (1, 0)
 
 
+def padded_event() -> dict:
+    """Return an event of about 600 bytes."""
+    return make_event(metadata={"page": "/home", "pad": "x" * FLOOD_PADDING})
+
+
 def has_data(result: list[dict]) -> bool:
     """Tell whether a query's vector holds at least one number (not NaN)."""
     return any(math.isfinite(float(sample["value"][1])) for sample in result)
@@ -125,7 +141,10 @@ def wait_for_alert(prometheus, name: str, state: str | None, began: float) -> fl
 @pytest.mark.slow
 def test_prometheus_sees_the_outage_and_the_dashboard_has_data(start_collector, database,
                                                                postgres, start_prometheus):
-    collector = start_collector(workers=2)
+    # A small spool, so that the outage fills it: 503s, and the spool alert.
+    collector = start_collector({"COLLECTOR_SPOOL_MAX_BYTES": str(SPOOL_BUDGET),
+                                 "COLLECTOR_SPOOL_SEGMENT_BYTES": str(SPOOL_BUDGET // 8)},
+                                workers=2)
     prometheus = start_prometheus([f"127.0.0.1:{collector.port}"], shortened_rules())
     loaded = prometheus.api("rules")["groups"][0]["rules"]
     assert len(loaded) == 9 and {r["duration"] for r in loaded if r["duration"]} == {2.0}
@@ -162,16 +181,26 @@ def test_prometheus_sees_the_outage_and_the_dashboard_has_data(start_collector, 
         to_firing = wait_for_alert(prometheus, "FirehoseDatabaseDown", "firing", began)
         assert "FirehoseDatabaseBroken" not in prometheus.alerts()
         assert prometheus.value("firehose_pending_events") > 0
+        wait_until(lambda: prometheus.value("firehose_oldest_unflushed_age_seconds") > 1, 10,
+                   "the oldest unflushed event's age past 1 s")
+        flood = post_stream(collector.url, FLOOD_EVENTS, 2, factory=padded_event)
+        assert flood.statuses.get(503) and set(flood.statuses) == {202, 503}, flood.statuses
+        filling = time.monotonic()
+        to_spool_alert = wait_for_alert(prometheus, "FirehoseSpoolFilling", "firing", filling)
+        to_5xx_alert = wait_for_alert(prometheus, "FirehoseServerErrors", "firing", filling)
     finally:
         postgres.start(TEST_DATABASE)
     restarted = time.monotonic()
     resolved = wait_for_alert(prometheus, "FirehoseDatabaseDown", None, restarted)
-    expected = set(sent.accepted) | set(outage.accepted)
+    expected = set(sent.accepted) | set(outage.accepted) | set(flood.accepted)
     wait_until(lambda: sorted(database.event_ids()) == sorted(expected), 15,
                "every accepted event stored once")
     print(f"\nFirehoseDatabaseDown (for: {FOR_IN_TEST}, 1 s scrapes and evaluations): "
           f"pending {to_pending:.1f} s and firing {to_firing:.1f} s after PostgreSQL stopped; "
           f"inactive {resolved:.1f} s after it started again")
+    print(f"{flood.statuses.get(503)} of {FLOOD_EVENTS} events answered 503 with the spool "
+          f"full: FirehoseSpoolFilling firing {to_spool_alert:.1f} s and FirehoseServerErrors "
+          f"{to_5xx_alert:.1f} s after")
 
     victim = collector.worker_pids()[0]
     killed = time.monotonic()
