@@ -202,6 +202,22 @@ def test_prometheus_sees_the_outage_and_the_dashboard_has_data(start_collector, 
           f"full: FirehoseSpoolFilling firing {to_spool_alert:.1f} s and FirehoseServerErrors "
           f"{to_5xx_alert:.1f} s after")
 
+    # A deployment error: the table the flusher writes to is gone. Broken, not down.
+    database.query("ALTER TABLE events RENAME TO events_moved_away")
+    try:
+        misplaced = post_stream(collector.url, OUTAGE_EVENTS, 2)
+        assert misplaced.statuses == {202: OUTAGE_EVENTS}
+        moved = time.monotonic()
+        to_broken = wait_for_alert(prometheus, "FirehoseDatabaseBroken", "firing", moved)
+        assert "FirehoseDatabaseDown" not in prometheus.alerts()
+    finally:
+        database.query("ALTER TABLE events_moved_away RENAME TO events")
+    wait_for_alert(prometheus, "FirehoseDatabaseBroken", None, time.monotonic())
+    expected |= set(misplaced.accepted)
+    wait_until(lambda: sorted(database.event_ids()) == sorted(expected), 15,
+               "every accepted event stored once, the table back")
+    print(f"FirehoseDatabaseBroken firing {to_broken:.1f} s after the events table was renamed")
+
     victim = collector.worker_pids()[0]
     killed = time.monotonic()
     os.kill(victim, signal.SIGKILL)
