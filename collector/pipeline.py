@@ -91,6 +91,7 @@ class Pipeline:
         self.flusher.start()
         self.maintenance.start()
         self.started = True
+        self.stats.count_start()
         if worker_alive is not None:
             gevent.spawn(self._watch_for_shutdown, worker_alive)
         gevent.spawn(self._publish_gauges)
@@ -120,7 +121,8 @@ class Pipeline:
     def _publish_gauges(self) -> None:
         # Any worker may answer /metrics, so each one keeps its own gauges current.
         while True:
-            self.stats.sample(self.queue.depth, self.queue.pending, self.spool.bytes)
+            self.stats.sample(self.queue.depth, self.queue.pending, self.spool.bytes,
+                              self.spool.max_bytes, self.queue.oldest_age(time.time()))
             gevent.sleep(GAUGE_INTERVAL)
 
     def _watch_for_shutdown(self, worker_alive: Callable[[], bool]) -> None:
