@@ -52,13 +52,13 @@ from storage.localdb import LocalPostgres
 from tests.fixtures.collector import Collector
 from tests.fixtures.nginx import Nginx, nginx_binary, set_rates
 from tests.fixtures.pgbouncer import PgBouncer, pgbouncer_binary
-from tests.fixtures.postgres import free_port
+from tests.fixtures.postgres import TEST_DATABASE, TestDatabase, free_port
 from tests.polling import wait_until
 from tests.processes import alive
 
 DEFAULT_DURATION = 90.0
 DEFAULT_SEED = 1
-DATABASE = "firehose_chaos"
+DATABASE = TEST_DATABASE  # a server of its own: the name is only the suite's usual one
 CLIENTS = 6  # load threads: even ones direct to gunicorn, odd ones through nginx
 BATCH_SHARE = 0.2  # share of requests that are a batch
 BATCH_SIZES = (2, 20)  # events in a batch, at least and at most
@@ -288,8 +288,9 @@ class Chaos:
         self.postgres.start(DATABASE)
 
     def _terminate_backends(self, hold: float) -> None:
-        self._query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                    "WHERE application_name LIKE 'firehose%%' AND pid <> pg_backend_pid()")
+        TestDatabase(self.postgres).query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE application_name LIKE 'firehose%%' AND pid <> pg_backend_pid()")
 
     def _lock_table(self, hold: float) -> None:
         try:
@@ -327,16 +328,6 @@ class Chaos:
         self.bouncer.stop()
         self.stop.wait(hold * 0.5)
         self.bouncer.start()
-
-    def _query(self, sql: str, params: tuple = ()) -> list[tuple]:
-        conn = psycopg2.connect(self.postgres.url(DATABASE), connect_timeout=5)
-        try:
-            conn.autocommit = True
-            with conn.cursor() as cur:
-                cur.execute(sql, params)
-                return cur.fetchall() if cur.description else []
-        finally:
-            conn.close()
 
     # --- the run ------------------------------------------------------------------
     def run(self) -> Ledger:
