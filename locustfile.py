@@ -22,7 +22,7 @@ Use `--stop-timeout` (a few seconds) so that locust lets each user finish the
 request it is making when the time is up: with the default of 0 users are killed
 mid-request, and an event the collector stored may never be counted here.
 `--think-time 0` removes the pause between requests, to see how many requests per
-second locust itself can drive (about 3k per process on 2 cores, pitfall 13).
+second locust itself can drive (about 3k per process on 2 cores: use wrk, as `make bench` does, for throughput).
 """
 
 import datetime

@@ -1,7 +1,8 @@
-"""Install what the benchmark needs and the project does not: wrk, nginx and py-spy.
+"""Install what the benchmark needs and the project does not: wrk, nginx, py-spy, the peer.
 
 wrk and nginx come from Debian's packages (as root, with apt-get); py-spy from PyPI
-into the project's virtualenv. Each install is announced before it runs.
+into the project's virtualenv; the peer collector's packages from PyPI into a
+virtualenv of its own. Each install is announced before it runs.
 """
 
 import os
@@ -17,6 +18,7 @@ PIP_TIMEOUT = 300
 NGINX_PACKAGES = ("nginx-light", "nginx")  # the smallest first; Debian 13 has only nginx
 SBIN_DIRS = ("/usr/sbin", "/usr/local/sbin", "/sbin")
 NGINX_SERVICE_PID = pathlib.Path("/run/nginx.pid")
+PEER_STAMP = ".installed"  # in the peer's virtualenv: the requirements it was built from
 
 
 def find_program(name: str) -> str | None:
@@ -91,3 +93,26 @@ def ensure_py_spy(venv_bin: pathlib.Path) -> str:
     subprocess.run([str(venv_bin / "python"), "-m", "pip", "install", "--quiet", "py-spy"],
                    check=True, timeout=PIP_TIMEOUT, stdout=sys.stdout, stderr=sys.stderr)
     return str(path)
+
+
+def ensure_peer_venv(venv: pathlib.Path, requirements: pathlib.Path) -> pathlib.Path:
+    """Return the peer's virtualenv, building it from requirements if it is missing or older.
+
+    Its own, not the project's: FastAPI, uvicorn and asyncpg are no part of Firehose.
+    """
+    wanted = requirements.read_text()
+    stamp = venv / PEER_STAMP
+    if stamp.exists() and stamp.read_text() == wanted:
+        return venv
+    steps = [] if (venv / "bin" / "python").exists() else [
+        ("creating the peer's virtualenv", [sys.executable, "-m", "venv", str(venv)])]
+    steps.append(("installing the peer's packages",
+                  [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet",
+                   "-r", str(requirements)]))
+    for what, command in steps:
+        print(f"bench: {what} ({' '.join(command)})", flush=True)
+        if subprocess.run(command, timeout=PIP_TIMEOUT, stdout=sys.stdout,
+                          stderr=sys.stderr).returncode != 0:
+            raise BenchError(f"{what} failed: {' '.join(command)}")
+    stamp.write_text(wanted)
+    return venv

@@ -1,8 +1,9 @@
 """Run one scenario once and measure it: the client's view (wrk or locust) and PostgreSQL's.
 
-For a scenario that reaches the collector:
+For a scenario that reaches a collector (Firehose, or the peer of bench/peer.py,
+whose /health has the same counters and whose rows go to a table of its own):
 
-1. wait until the workers hold nothing unflushed, then TRUNCATE events;
+1. wait until the workers of both hold nothing unflushed, then TRUNCATE both tables;
 2. note each worker's `accepted` counter (from /health);
 3. run the load (and the table lock, and py-spy, if the scenario has them);
 4. once the counters stop moving, the events accepted are the sum of their growth,
@@ -27,6 +28,7 @@ from bench.database import BenchDatabase
 from bench.firehose import Firehose
 from bench.locust_load import run_locust
 from bench.nginx import Nginx
+from bench.peer import Peer, PeerTable
 from bench.processes import BenchError
 from bench.profiler import Profiler
 from bench.scenarios import Scenario
@@ -74,11 +76,14 @@ class ScenarioRunner:
 
     def __init__(self, tools: Tools, database: BenchDatabase, firehose: Firehose,
                  nginx: dict[str, Nginx], seconds: float, drain_timeout: float,
-                 logs: pathlib.Path) -> None:
+                 logs: pathlib.Path, peer: Peer | None = None,
+                 peer_table: PeerTable | None = None) -> None:
         self.tools = tools
         self.database = database
         self.firehose = firehose
         self.nginx = nginx
+        self.peer = peer
+        self.peer_table = peer_table
         self.seconds = seconds
         self.drain_timeout = drain_timeout
         self.logs = logs
@@ -88,15 +93,26 @@ class ScenarioRunner:
         """Return the base URL the scenario's load goes to."""
         if scenario.target == "direct":
             return self.firehose.url
+        if scenario.target == "peer":
+            return self.peer.url
         return f"http://127.0.0.1:{self.nginx[scenario.target].port}"
+
+    def under_test(self, scenario: Scenario) -> tuple[Firehose, BenchDatabase | PeerTable]:
+        """Return the collector the scenario's load reaches and what counts its rows."""
+        if scenario.target == "peer":
+            return self.peer, self.peer_table
+        return self.firehose, self.database
 
     def run(self, scenario: Scenario, index: int, profile: bool = False) -> Measurement:
         """Run the scenario once and return its measurement."""
-        if not scenario.uses_firehose:
+        if not scenario.reaches_collector:
             return self._load(scenario, index)
+        collector, table = self.under_test(scenario)
         self.settle()
         self.database.truncate()
-        before = self.firehose.accepted_by_worker()
+        if self.peer_table is not None:
+            self.peer_table.truncate()
+        before = collector.accepted_by_worker()
         lock = profiler = sampler = None
         started = time.monotonic()
         try:
@@ -104,7 +120,7 @@ class ScenarioRunner:
                 lock = self.database.lock_events(
                     max(0.0, (self.seconds - scenario.lock_seconds) / 2), scenario.lock_seconds)
             if scenario.rss_every:
-                sampler = RssSampler(self.firehose, scenario.rss_every).start()
+                sampler = RssSampler(collector, scenario.rss_every).start()
             if profile and scenario.profile and index == 0:
                 profiler = Profiler(self.tools.py_spy, self.firehose.worker_pids()[0],
                                     self.seconds, self.tools.project / "bench",
@@ -130,14 +146,15 @@ class ScenarioRunner:
                 profiler.stop()
             if sampler is not None:
                 sampler.stop()
-        self._measure_storage(measurement, before, started, ended)
+        self._measure_storage(measurement, collector, table, before, started, ended)
         return measurement
 
     def settle(self) -> None:
         """Wait until no worker holds an event not yet in PostgreSQL (the last drain is over)."""
         deadline = time.monotonic() + self.drain_timeout
+        collectors = [self.firehose] + ([self.peer] if self.peer is not None else [])
         while True:
-            pending = self.firehose.unflushed()
+            pending = sum(collector.unflushed() for collector in collectors)
             if pending == 0:
                 return
             if time.monotonic() > deadline:
@@ -174,38 +191,39 @@ class ScenarioRunner:
                                      ", ".join(f"{n} × {s}" for s, n in sorted(others.items())))
         return measurement
 
-    def _settled_counters(self) -> dict[int, int]:
+    def _settled_counters(self, collector: Firehose) -> dict[int, int]:
         """Return the workers' accepted counters once two snapshots in a row agree.
 
         A request the client gave up on (wrk stops with requests in flight) may
         still be accepted a moment after the client has exited.
         """
         deadline = time.monotonic() + SETTLE_TIMEOUT
-        last = self.firehose.accepted_by_worker()
+        last = collector.accepted_by_worker()
         while time.monotonic() < deadline:
             time.sleep(SETTLE_INTERVAL)
-            now = self.firehose.accepted_by_worker()
+            now = collector.accepted_by_worker()
             if now == last:
                 return now
             last = now
         return last
 
-    def _measure_storage(self, measurement: Measurement, before: dict[int, int],
+    def _measure_storage(self, measurement: Measurement, collector: Firehose,
+                         table: BenchDatabase | PeerTable, before: dict[int, int],
                          started: float, ended: float) -> None:
         """Wait for the rows to reach the events accepted; fill in the storage figures."""
-        after = self._settled_counters()
+        after = self._settled_counters(collector)
         if set(after) != set(before):
             measurement.notes.append(f"worker(s) restarted: {sorted(set(before) - set(after))} "
                                      f"replaced by {sorted(set(after) - set(before))}")
         accepted = sum(count - before.get(pid, 0) for pid, count in after.items())
         measurement.accepted = accepted
         deadline = ended + self.drain_timeout
-        while time.monotonic() < deadline and self.firehose.unflushed():
+        while time.monotonic() < deadline and collector.unflushed():
             time.sleep(POLL_INTERVAL)
-        rows = self.database.count()
+        rows = table.count()
         while rows < accepted and time.monotonic() < deadline:
             time.sleep(POLL_INTERVAL)
-            rows = self.database.count()
+            rows = table.count()
         drained = time.monotonic()
         measurement.rows = rows
         if rows >= accepted:
@@ -221,17 +239,17 @@ class ScenarioRunner:
         if rows < measurement.client_accepted:
             measurement.notes.append(f"LOST: {measurement.client_accepted} events answered 202 "
                                      f"but {rows} rows")
-        dead = self.database.dead_letters()
+        dead = table.dead_letters()
         if dead:
             measurement.notes.append(f"{dead} events dead-lettered")
-        measurement.rss_by_worker = self.firehose.rss_mb()
+        measurement.rss_by_worker = collector.rss_mb()
         measurement.rss_mb = max(measurement.rss_by_worker.values(), default=None)
-        problems = self.firehose.new_problems()
+        problems = collector.new_problems()
         if problems:
             shown = problems[:MAX_NOTED_LOG_LINES]
             more = len(problems) - len(shown)
             measurement.notes.append(
-                f"{len(problems)} problem line(s) in {self.firehose.log_path}: " +
+                f"{len(problems)} problem line(s) in {collector.log_path}: " +
                 " | ".join(line[:200] for line in shown) + (f" | ... {more} more" if more else ""))
 
     def _note_lock(self, measurement: Measurement, lock, started: float) -> None:

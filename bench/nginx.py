@@ -22,7 +22,7 @@ TEST_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
 WORKER_CONNECTIONS = 4096  # per nginx worker; 1000 proxied clients use 2000
 UPSTREAM_KEEPALIVE = 64  # idle connections kept open to gunicorn per nginx worker
-# Shorter than gunicorn's keepalive (15 s), so nginx closes idle connections first (pitfall 9).
+# Shorter than gunicorn's keepalive (15 s), so nginx closes idle connections first (docs/gevent-and-psycopg2.md).
 UPSTREAM_KEEPALIVE_TIMEOUT = "10s"
 CLIENT_MAX_BODY_SIZE = "6m"  # above the collector's 5 MiB batch limit
 # The upstream address the project's file points at (gunicorn.conf.py's default bind).

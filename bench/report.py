@@ -1,4 +1,5 @@
-"""The benchmark's report: the machine, then one aligned table of medians over the runs."""
+"""The benchmark's report: the machine, one aligned table of medians over the runs, then
+Firehose's figures as ratios of the peer's, from the same run."""
 
 import datetime
 import math
@@ -16,12 +17,17 @@ FOOTNOTES = """\
 req/s, p50, p99, committed/s: median of the runs (± half the spread between the fastest and
   slowest run, as a share of the median); errors, non-2xx, drain s, RSS MB: the worst run.
 errors: wrk's socket errors (connect, read, write, timeout > {timeout}) or locust's failures.
-committed/s: rows in events / (load time + drain time); drain s: from the end of the load
-  until no worker holds an unflushed event (/health "pending") and the rows equal the
-  events the workers accepted (/health "accepted"); the rows are counted once, at the end.
-RSS MB: the largest gunicorn worker's VmRSS at the end of the run.
+committed/s: rows in events (peer-*: in peer_events) / (load time + drain time); drain s:
+  from the end of the load until no worker holds an unflushed event (/health "pending")
+  and the rows equal the events the workers accepted (/health "accepted"); the rows are
+  counted once, at the end.
+RSS MB: the largest gunicorn (peer-*: uvicorn) worker's VmRSS at the end of the run.
 vs nginx: events answered 202 per second / nginx-202's requests per second (a batch of
-  {batch} events counts {batch}); locust rows: users instead of connections."""
+  {batch} events counts {batch}); locust rows: users instead of connections.
+peer-*: the same load sent to bench/peers/fastapi_peer.py, a conventional collector
+  (FastAPI, uvicorn, asyncpg COPY, no spool) with as many workers as Firehose."""
+PEER_HEADING = ("Firehose / peer, same run (medians; above 1 is better for req/s and "
+                "committed/s, below 1 for p99):")
 
 
 def machine() -> list[str]:
@@ -99,7 +105,7 @@ def table_rows(results: dict[str, list[Measurement]]) -> list[tuple[str, ...]]:
         if not runs:
             continue
         scenario = runs[0].scenario
-        firehose = scenario.uses_firehose
+        collector = scenario.reaches_collector
         ratio = _median([m.events_rate for m in runs]) / reference \
             if reference and not math.isnan(reference) else float("nan")
         rows.append((
@@ -110,12 +116,40 @@ def table_rows(results: dict[str, list[Measurement]]) -> list[tuple[str, ...]]:
             _ms([m.p99_ms for m in runs]),
             f"{max(m.errors for m in runs):,}",
             f"{max(m.non_2xx for m in runs):,}",
-            _rate([m.committed_rate for m in runs]) if firehose else "-",
-            _worst([m.drain_s for m in runs], 1) if firehose else "-",
-            _worst([m.rss_mb for m in runs], 0) if firehose else "-",
+            _rate([m.committed_rate for m in runs]) if collector else "-",
+            _worst([m.drain_s for m in runs], 1) if collector else "-",
+            _worst([m.rss_mb for m in runs], 0) if collector else "-",
             "-" if math.isnan(ratio) else f"{ratio:.2f}",
         ))
     return rows
+
+
+def _ratio(label: str, ours: list[float | None], peer: list[float | None]) -> str:
+    """Return e.g. 'req/s 3,327 / 4,580 = 0.73' (Firehose's median, the peer's, their ratio)."""
+    mine, theirs = _median(ours), _median(peer)
+    if math.isnan(mine) or math.isnan(theirs) or not theirs:
+        return f"{label} -"
+    shown = [f"{v:.1f}" if v < 100 else f"{v:,.0f}" for v in (mine, theirs)]
+    return f"{label} {shown[0]} / {shown[1]} = {mine / theirs:.2f}"
+
+
+def peer_ratios(results: dict[str, list[Measurement]]) -> list[str]:
+    """Return a line per peer scenario run beside its Firehose one: each figure as a ratio."""
+    lines = []
+    for name, runs in results.items():
+        if not runs or not runs[0].scenario.peer_of:
+            continue
+        theirs_name = runs[0].scenario.peer_of
+        ours = results.get(theirs_name)
+        if not ours:
+            continue
+        lines.append(f"  {theirs_name} / {name}: " + "; ".join([
+            _ratio("req/s", [m.rate for m in ours], [m.rate for m in runs]),
+            _ratio("p99 ms", [m.p99_ms for m in ours], [m.p99_ms for m in runs]),
+            _ratio("committed/s", [m.committed_rate for m in ours],
+                   [m.committed_rate for m in runs]),
+        ]))
+    return lines
 
 
 def format_table(rows: list[tuple[str, ...]]) -> str:

@@ -7,12 +7,17 @@
     .venv/bin/python bench/run.py --locust             # also how fast locust can drive
     .venv/bin/python bench/run.py --profile            # py-spy a worker during direct-100
 
-It installs what is missing (wrk and nginx-light with apt-get, py-spy with pip, each
-announced), then starts everything it measures on 127.0.0.1 in a temporary directory:
-a PostgreSQL of its own (storage.localdb, default durability), Firehose under real
-gunicorn with gevent workers (gunicorn.conf.py; COLLECTOR_* variables in the
-environment pass through), nginx answering 202 by itself as the reference, and nginx
-proxying to Firehose (conf/nginx.conf when it works here). wrk drives the load with
+It installs what is missing (wrk and nginx-light with apt-get, py-spy and the peer's
+packages with pip, each announced), then starts everything it measures on 127.0.0.1 in
+a temporary directory: a PostgreSQL of its own (storage.localdb, default durability),
+Firehose under real gunicorn with gevent workers (gunicorn.conf.py; COLLECTOR_*
+variables in the environment pass through), nginx answering 202 by itself as the
+reference, nginx proxying to Firehose (conf/nginx.conf when it works here), and the
+peer: the conventional collector a Python user would build instead (bench/peers/:
+FastAPI on uvicorn, asyncpg COPY, no spool), from a virtualenv of its own
+(var/bench-peer-venv, built once from bench/peers/requirements.txt), with as many
+workers, into a table of its own in the same database; the report gives Firehose's
+figures as ratios of the peer's from the same run. wrk drives the load with
 bench/events.lua: realistic events, each with its own event_id, so that every request
 becomes a row. Every run is bounded in time, and everything started is stopped at the
 end, on failure and on Ctrl-C; on failure the logs are kept and their path printed.
@@ -40,6 +45,7 @@ from bench.locust_load import (SPAWN_RATE as LOCUST_SPAWN_RATE,  # noqa: E402
 from bench.firehose import Firehose  # noqa: E402
 from bench.measure import Measurement, ScenarioRunner, Tools  # noqa: E402
 from bench.nginx import Nginx  # noqa: E402
+from bench.peer import Peer, PeerTable  # noqa: E402
 from bench.processes import BenchError, free_port, raise_open_files_limit  # noqa: E402
 from bench.profiler import FORMATS  # noqa: E402
 from bench.scenarios import ALL, BATCH_EVENTS, SCENARIOS, LOCUST_SCENARIOS, Scenario  # noqa: E402
@@ -52,6 +58,8 @@ QUICK_DURATION = 3
 MIN_DRAIN_TIMEOUT = 120.0  # seconds a backlog may take to reach PostgreSQL after the load
 PROJECT_NGINX_CONF = PROJECT / "conf" / "nginx.conf"
 VENV_BIN = PROJECT / ".venv" / "bin"
+PEER_VENV = PROJECT / "var" / "bench-peer-venv"
+PEER_REQUIREMENTS = PROJECT / "bench" / "peers" / "requirements.txt"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -145,9 +153,10 @@ class Bench:
         self.stack = stack
         self.header: list[str] = []
         self.firehose: Firehose | None = None
+        self.peer: Peer | None = None
 
     def start(self) -> ScenarioRunner:
-        """Install the tools, start PostgreSQL, Firehose and the nginx the scenarios need."""
+        """Install the tools; start PostgreSQL, Firehose, and the nginx and peer asked for."""
         targets = {scenario.target for scenario in self.scenarios}
         tools = Tools(PROJECT, install.ensure_wrk(), profile_format=self.args.profile_format)
         nginx_binary = install.ensure_nginx() if targets & {"reference", "proxy"} else None
@@ -157,6 +166,8 @@ class Bench:
             print("bench: --profile samples direct-100, which is not selected", flush=True)
         if any(s.locust_processes for s in self.scenarios) and not (VENV_BIN / "locust").exists():
             raise BenchError(f"{VENV_BIN / 'locust'} is missing: pip install -e '.[dev]'")
+        peer_venv = install.ensure_peer_venv(PEER_VENV, PEER_REQUIREMENTS) \
+            if "peer" in targets else None
         opened = raise_open_files_limit()
 
         database = BenchDatabase(self.root, self.args.pg_settings)
@@ -170,6 +181,15 @@ class Bench:
         print(f"bench: starting gunicorn ({self.args.workers} workers) on "
               f"{self.firehose.url}, log {self.firehose.log_path}", flush=True)
         self.firehose.start()
+        peer_table = None
+        if peer_venv is not None:
+            self.peer = Peer(PROJECT, self.logs, peer_venv, url, self.args.workers)
+            self.stack.callback(self.peer.stop)
+            print(f"bench: starting the peer under uvicorn ({self.args.workers} workers) on "
+                  f"{self.peer.url}, log {self.peer.log_path}", flush=True)
+            self.peer.start()
+            peer_table = PeerTable(url)
+            self.stack.callback(peer_table.close)
 
         nginx: dict[str, Nginx] = {}
         if "reference" in targets:
@@ -194,7 +214,11 @@ class Bench:
             f"{report.program_version([tools.wrk, '--version'])}",
             f"firehose: gunicorn gevent, {self.args.workers} workers, "
             f"{settings or 'default COLLECTOR_* settings'}; open files limit {opened}",
-        ] + [f"nginx {name}: {server.source}" for name, server in nginx.items()] + [
+        ] + [f"nginx {name}: {server.source}" for name, server in nginx.items()] + ([
+            f"peer: bench/peers/fastapi_peer.py under uvicorn, {self.args.workers} workers "
+            f"(uvloop, httptools, no access log), into peer_events (a primary key only: no "
+            f"partitions, indexes or rollup trigger; no spool); {self.peer.versions()}"
+        ] if self.peer is not None else []) + [
             f"load: {self.args.duration} s per run, {self.args.runs} run(s) per scenario, "
             f"wrk -t2 --timeout {REQUEST_TIMEOUT} with bench/events.lua (unique event_ids)",
         ]
@@ -202,7 +226,7 @@ class Bench:
             self.header.append(f"locust: locustfile.py -u {LOCUST_USERS} -r {LOCUST_SPAWN_RATE} "
                                f"--think-time 0 --stop-timeout {LOCUST_STOP_TIMEOUT}")
         return ScenarioRunner(tools, database, self.firehose, nginx, self.args.duration,
-                              self.args.drain_timeout, self.logs)
+                              self.args.drain_timeout, self.logs, self.peer, peer_table)
 
     def measure(self, runner: ScenarioRunner) -> dict[str, list[Measurement]]:
         """Run every scenario --runs times."""
@@ -225,6 +249,10 @@ class Bench:
         print(report.format_table(report.table_rows(results)))
         print()
         print(report.FOOTNOTES.format(timeout=REQUEST_TIMEOUT, batch=BATCH_EVENTS))
+        ratios = report.peer_ratios(results)
+        if ratios:
+            print(f"\n{report.PEER_HEADING}")
+            print("\n".join(ratios))
         lines = report.notes(results)
         if lines:
             print("\nnotes:")
@@ -238,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.list:
         for scenario in ALL:
-            print(f"{scenario.name:12} {scenario.title}")
+            print(f"{scenario.name:14} {scenario.title}")
         return 0
     try:
         scenarios = select_scenarios(args)
@@ -290,8 +318,9 @@ def _clean_up(root: pathlib.Path, bench: Bench, failed: bool, keep: bool) -> Non
     for item in root.iterdir():
         if item != logs:
             shutil.rmtree(item, ignore_errors=True) if item.is_dir() else item.unlink()
-    if bench.firehose is not None and bench.firehose.log_path.exists():
-        print(bench.firehose.describe_log(), file=sys.stderr)
+    for collector in (bench.firehose, bench.peer):
+        if collector is not None and collector.log_path.exists():
+            print(collector.describe_log(), file=sys.stderr)
     print(f"bench: logs kept in {logs} (remove it when done)", file=sys.stderr)
 
 

@@ -1,4 +1,9 @@
-"""The benchmark's scenarios: what load goes where, and what is done to PostgreSQL meanwhile."""
+"""The benchmark's scenarios: what load goes where, and what is done to PostgreSQL meanwhile.
+
+The peer scenarios send the same load to the conventional collector of bench/peers/
+(FastAPI on uvicorn, asyncpg COPY, no spool), each compared in the report with the
+Firehose scenario it mirrors (`peer_of`).
+"""
 
 import dataclasses
 
@@ -17,7 +22,9 @@ class Scenario:
 
     name: str
     title: str
-    target: str  # "reference" (nginx alone), "direct" (gunicorn) or "proxy" (nginx, gunicorn)
+    # "reference" (nginx alone), "direct" (gunicorn), "proxy" (nginx, gunicorn) or "peer"
+    # (the conventional collector of bench/peers/, under uvicorn)
+    target: str
     connections: int  # wrk connections, or locust users
     path: str = "/event"
     events_per_request: int = 1
@@ -26,10 +33,11 @@ class Scenario:
     rss_every: float = 0.0  # > 0: sample the workers' RSS this often during the load
     profile: bool = False  # the scenario --profile samples
     locust_processes: int = 0  # 0: wrk drives the load; N: locust with N processes
+    peer_of: str = ""  # a peer scenario: the Firehose scenario whose load it takes
 
     @property
-    def uses_firehose(self) -> bool:
-        """Tell whether the load reaches the collector (and so PostgreSQL)."""
+    def reaches_collector(self) -> bool:
+        """Tell whether the load reaches a collector, Firehose or the peer (and so PostgreSQL)."""
         return self.target != "reference"
 
 
@@ -46,6 +54,11 @@ SCENARIOS = (
     Scenario(f"batch-{BATCH_EVENTS}", f"POST /events, {BATCH_EVENTS} events a request, "
              f"{BATCH_CONNECTIONS} connections", "direct", BATCH_CONNECTIONS, path="/events",
              events_per_request=BATCH_EVENTS),
+    Scenario("peer-100", "the peer (FastAPI, uvicorn, asyncpg COPY): POST /event, 100 "
+             "connections", "peer", 100, peer_of="direct-100"),
+    Scenario(f"peer-batch-{BATCH_EVENTS}", f"the peer: POST /events, {BATCH_EVENTS} events a "
+             f"request, {BATCH_CONNECTIONS} connections", "peer", BATCH_CONNECTIONS,
+             path="/events", events_per_request=BATCH_EVENTS, peer_of=f"batch-{BATCH_EVENTS}"),
 )
 # Not in the default set: `--scenario soak --duration 600 --runs 1` (10 minutes).
 SOAK_SCENARIOS = (

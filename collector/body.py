@@ -41,7 +41,7 @@ def read_body(req: falcon.Request, max_bytes: int, limit_name: str,
 
 
 def _gunzip(raw: bytes, max_bytes: int, limit_name: str) -> bytes:
-    """Decompress at most max_bytes + 1 bytes, so a zip bomb costs no memory (pitfall 10)."""
+    """Decompress at most max_bytes + 1 bytes, so a zip bomb costs no memory."""
     if len(raw) > max_bytes:
         raise _too_large(max_bytes, limit_name)
     inflater = zlib.decompressobj(GZIP_WINDOW)

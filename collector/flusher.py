@@ -35,7 +35,7 @@ class Watchdog:
 
     Every round trip also gets a deadline of its own: in green mode libpq's
     connect_timeout is ignored and a black-holed socket would wait forever
-    (pitfall 3), while gunicorn keeps seeing a healthy worker.
+    (docs/gevent-and-psycopg2.md), while gunicorn keeps seeing a healthy worker.
     """
 
     def __init__(self, operation_timeout: float, stall_after: float) -> None:
@@ -199,10 +199,12 @@ class Flusher:
                 continue
             now = time.monotonic()
             self._stats.count_write(len(events), now - started)
-            lasted = self._backoff.reset(now)
+            self._backoff.reset(now)
             if self._stats.database_up is False:
-                logger.warning("database available again after %.1f s; backlog %d events",
-                               lasted, self._queue.pending)
+                # From the first failure, the start-up one included.
+                lasted = time.time() - (self._stats.outage_since or time.time())
+                logger.info("database available again after %.1f s; backlog %d events",
+                            lasted, self._queue.pending)
                 self._catch_up = (now, self._queue.pending)
             self._stats.database_up = True
             self._stats.outage_since = None
@@ -244,7 +246,7 @@ class Flusher:
             seconds = max(time.monotonic() - began, 1e-6)
             stats.last_catch_up = {"events": backlog, "seconds": round(seconds, 3),
                                    "events_per_s": round(backlog / seconds)}
-            logger.warning("backlog of %d events caught up in %.1f s (%d events/s)",
+            logger.info("backlog of %d events caught up in %.1f s (%d events/s)",
                            backlog, seconds, backlog / seconds)
             self._catch_up = None
         stats.count_flushed(result, replayed, time.time())

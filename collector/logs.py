@@ -3,7 +3,7 @@
 With `logconfig_dict` set, gunicorn builds every access log record even when no
 handler writes it; at thousands of requests a second that was ~8% of a worker's
 CPU (py-spy). This module imports nothing of the project, so gunicorn's master
-may load it before gevent patches anything (pitfall 8).
+may load it before gevent patches anything (docs/gevent-and-psycopg2.md).
 """
 
 from gunicorn import glogging

@@ -18,6 +18,7 @@ import falcon
 import prometheus_client
 from prometheus_client import multiprocess
 
+from storage.errors import WriteFailure
 from storage.writer import WriteResult
 
 NAMESPACE = "firehose"
@@ -27,6 +28,11 @@ BATCH_SIZE_BUCKETS = (1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 50000)
 # Label values clients cannot multiply: unknown paths and methods are counted as one.
 UNMATCHED_ROUTE = "unmatched"
 OTHER_METHOD = "other"
+# Answers that alerts count (conf/prometheus/alerts.yml), published at 0 from the start: a
+# series first seen already at 3 gives Prometheus' increase() nothing to measure.
+ALERTED_ROUTES = ("/event", "/events")
+ALERTED_STATUSES = (500, 503)
+STATM = "/proc/self/statm"  # Linux: sizes in pages; the second is the resident set
 
 
 class Metrics:
@@ -70,6 +76,20 @@ class Metrics:
         # worker's last word does not count.
         self.database_up = gauge("database_up", "1 when every live worker can write to "
                                  "PostgreSQL, 0 when any cannot", "livemin")
+        # The maximum over the live workers: the worst of them is what needs a look.
+        self.database_broken = gauge("database_broken", "1 when a live worker cannot write "
+                                     "because of a deployment error (a missing table, a "
+                                     "refused password), not an outage", "livemax")
+        self.spool_used_ratio = gauge("spool_used_ratio", "the fullest live worker's spool, "
+                                      "as a fraction of its COLLECTOR_SPOOL_MAX_BYTES", "livemax")
+        self.oldest_unflushed = gauge("oldest_unflushed_age_seconds", "age of the oldest "
+                                      "event accepted and not yet durable, over the live "
+                                      "workers (0 when none)", "livemax")
+        # One series per live worker (label pid): a leak shows in one worker, not the sum.
+        self.rss_bytes = gauge("worker_rss_bytes", "resident memory of each live worker",
+                               "liveall")
+        self.worker_starts = counter("worker_starts", "workers that started their pipeline; "
+                                     "more than the configured count means restarts")
         self.flush_seconds = prometheus_client.Histogram(
             "flush_seconds", "seconds a successful batch write to PostgreSQL took",
             namespace=NAMESPACE, registry=self.registry, buckets=FLUSH_SECONDS_BUCKETS)
@@ -113,6 +133,10 @@ class WorkerStats:
         # The request counter's child per (route, method, status): labels() validates and
         # locks on every call, a dict lookup does not. Bounded: every part is.
         self._request_counters: dict[tuple, object] = {}
+        for route in ALERTED_ROUTES:
+            for status in ALERTED_STATUSES:
+                self._request_counters[(route, "POST", status)] = self.metrics.requests.labels(
+                    route, "POST", str(status))
 
     @property
     def database_up(self) -> bool | None:
@@ -123,6 +147,15 @@ class WorkerStats:
     def database_up(self, up: bool) -> None:
         self._database_up = up
         self.metrics.database_up.set(1 if up else 0)
+        self._publish_broken()
+
+    def _publish_broken(self) -> None:
+        broken = self._database_up is False and self.last_error_kind == WriteFailure.SYSTEMIC.value
+        self.metrics.database_broken.set(1 if broken else 0)
+
+    def count_start(self) -> None:
+        """Count this worker's start (its pipeline started)."""
+        self.metrics.worker_starts.inc()
 
     def count_request(self, route: str | None, method: str, status: int) -> None:
         """Count one answered request (`route` is None for a path with no route)."""
@@ -151,6 +184,7 @@ class WorkerStats:
         self.last_error = error
         self.last_error_kind = kind
         self.metrics.retried.inc()
+        self._publish_broken()  # an outage can turn into a deployment error, and back
 
     def count_write(self, events: int, seconds: float) -> None:
         """Record the size of a batch written and how long its successful write took."""
@@ -181,11 +215,27 @@ class WorkerStats:
             self.flushed += durable
             self.metrics.flushed.inc(durable)
 
-    def sample(self, queue_depth: int, pending: int, spool_bytes: int) -> None:
-        """Publish the worker's current backlog to the gauges."""
+    def sample(self, queue_depth: int, pending: int, spool_bytes: int,
+               spool_max_bytes: int | None = None, oldest_age: float = 0.0) -> None:
+        """Publish the worker's current backlog (and its memory) to the gauges."""
         self.metrics.queue_depth.set(queue_depth)
         self.metrics.pending.set(pending)
         self.metrics.spool_bytes.set(spool_bytes)
+        if spool_max_bytes:
+            self.metrics.spool_used_ratio.set(spool_bytes / spool_max_bytes)
+        self.metrics.oldest_unflushed.set(oldest_age)
+        rss = resident_bytes()
+        if rss is not None:
+            self.metrics.rss_bytes.set(rss)
+
+
+def resident_bytes() -> int | None:
+    """Return this process's resident memory in bytes (None where /proc cannot tell)."""
+    try:
+        with open(STATM, "rb") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 class RequestCounter:

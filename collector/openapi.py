@@ -16,7 +16,7 @@ JSON = "application/json"
 NDJSON = "application/x-ndjson"
 BEACON = "text/plain"  # navigator.sendBeacon sends strings as text/plain
 METRICS_TYPE = "text/plain"
-# jsonb cannot hold a NUL in a string or key (pitfall 5). Numbers past a double's range
+# jsonb cannot hold a NUL in a string or key. Numbers past a double's range
 # are refused too, but JSON Schema cannot say so of integers: the description does.
 NO_NUL = "^[^\\x00]*$"
 

@@ -2,7 +2,7 @@
 greenlet of partitions and rollup keys), wired from settings.
 
 Built in `get_app()`, started after the fork by gunicorn's `post_worker_init` hook
-(never in the master, pitfall 7), drained by `worker_exit`.
+(never in the master: a greenlet started there does not run in the worker), drained by `worker_exit`.
 """
 
 import functools
@@ -18,7 +18,7 @@ from collector.maintenance import Maintenance
 from collector.metrics import WorkerStats
 from collector.queue import EventQueue
 from collector.settings import Settings
-from collector.spool import Spool
+from collector.spool import Spool, SpoolUnwritable
 from collector.validation import Event
 from storage import database
 from storage.backoff import Backoff
@@ -33,6 +33,10 @@ SHUTDOWN_POLL = 0.1  # seconds between looks at gunicorn's worker.alive
 SHUTDOWN_MARGIN = 2.0  # seconds kept free before gunicorn's SIGKILL
 MAINTENANCE_STATEMENT_TIMEOUT = 60.0  # seconds for one partition step (moving strays)
 GAUGE_INTERVAL = 1.0  # seconds between updates of the backlog gauges of /metrics
+# gunicorn's APP_LOAD_ERROR: when a booting worker exits with it, the master stops instead
+# of booting another (gunicorn 27 arbiter.reap_workers), and conf/firehose.service's
+# RestartPreventExitStatus keeps systemd from starting it again.
+APP_LOAD_ERROR = 4
 
 
 class Pipeline:
@@ -66,18 +70,28 @@ class Pipeline:
     def start(self, worker_alive: Callable[[], bool] | None = None) -> None:
         """Open the spool and start the flusher; call once, in the worker, after the fork.
 
+        A spool directory that cannot be written ends the worker with APP_LOAD_ERROR,
+        which stops gunicorn's master too (a full disk does not: see Spool.open).
+
         `worker_alive` (gunicorn's `worker.alive`) lets the flusher learn of a graceful
         stop at once: the gevent worker may spend most of graceful_timeout waiting for
-        keep-alive connections before worker_exit runs (pitfall 7), so draining
+        keep-alive connections before worker_exit runs (gunicorn#2303), so draining
         starts here, and worker_exit only waits for it.
         """
-        # psycopg2 must wait cooperatively, or every query freezes the worker (pitfall 2).
+        # psycopg2 must wait cooperatively, or every query freezes the worker.
         import psycogreen.gevent
         psycogreen.gevent.patch_psycopg()
-        self.spool.open()
+        try:
+            self.spool.open()
+        except SpoolUnwritable as ex:
+            # A deployment error that no restart fixes: one line, no traceback, no boot loop.
+            logger.error("%s; stopping with exit status %d (not restarted by systemd)",
+                         ex, APP_LOAD_ERROR)
+            raise SystemExit(APP_LOAD_ERROR) from None
         self.flusher.start()
         self.maintenance.start()
         self.started = True
+        self.stats.count_start()
         if worker_alive is not None:
             gevent.spawn(self._watch_for_shutdown, worker_alive)
         gevent.spawn(self._publish_gauges)
@@ -107,7 +121,8 @@ class Pipeline:
     def _publish_gauges(self) -> None:
         # Any worker may answer /metrics, so each one keeps its own gauges current.
         while True:
-            self.stats.sample(self.queue.depth, self.queue.pending, self.spool.bytes)
+            self.stats.sample(self.queue.depth, self.queue.pending, self.spool.bytes,
+                              self.spool.max_bytes, self.queue.oldest_age(time.time()))
             gevent.sleep(GAUGE_INTERVAL)
 
     def _watch_for_shutdown(self, worker_alive: Callable[[], bool]) -> None:
@@ -163,7 +178,10 @@ class Pipeline:
         elif self.watchdog.stalled(time.monotonic()):
             problems.append("flusher made no progress for "
                             f"{self.watchdog.stall_after:g} s")
-        if self.spool.bytes >= self.spool.max_bytes * READY_SPOOL_FRACTION:
+        disk_problem = self.spool.disk_problem()
+        if disk_problem is not None:
+            problems.append(disk_problem)  # the disk, not the budget
+        elif self.spool.bytes >= self.spool.max_bytes * READY_SPOOL_FRACTION:
             problems.append("spool is full")
         body = {
             "status": "ready" if not problems else "not ready",

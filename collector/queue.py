@@ -4,7 +4,8 @@ Every event is first appended to the worker's spool, then kept in memory for the
 flusher. Past `capacity` events in memory the queue overflows: new events are only
 in the spool, and the flusher reads them back from there, in order, once memory is
 empty. So memory stays bounded, the disk budget of the spool bounds the rest, and
-when that is used up `put` raises SpoolFull, which the resource answers with 503.
+when that is used up (or the disk itself is full: SpoolDiskFull) `put` raises
+SpoolFull and takes nothing, which the resource answers with 503.
 """
 
 import collections

@@ -17,9 +17,10 @@ encode = msgspec.json.Encoder().encode
 
 
 def _buffer_full(ex: SpoolFull) -> CollectorError:
+    # ex.limit: spool_max_bytes (the budget is used up) or spool_disk (the disk is full).
     return CollectorError(falcon.HTTP_503, "Buffer full",
-                          f"the collector cannot take more events now ({ex}); retry later",
-                          limit="spool_max_bytes", headers={"Retry-After": str(RETRY_AFTER)})
+                          f"the collector cannot take more events now: {ex}; retry later",
+                          limit=ex.limit, headers={"Retry-After": str(RETRY_AFTER)})
 
 
 def refusal_reason(field: str | None, limit: str | None) -> str:

@@ -16,6 +16,7 @@ from typing import Any, Mapping
 FSYNC_POLICIES = ("never", "interval", "always")
 PARTITION_INTERVALS = ("month", "day")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("auto", "json", "plain")
 INSERT_METHODS = ("execute_values", "json_recordset")  # storage/writer.py's two forms
 
 
@@ -100,6 +101,9 @@ SETTINGS = (
             "0 keeps everything", minimum=0),
     Setting("log_level", "COLLECTOR_LOG_LEVEL", "choice", "info",
             "level of the application log", choices=LOG_LEVELS),
+    Setting("log_format", "COLLECTOR_LOG_FORMAT", "choice", "auto",
+            "json (one JSON object a line), plain (a line for people), or auto: plain on "
+            "a terminal, json otherwise", choices=LOG_FORMATS),
     Setting("cors_origins", "COLLECTOR_CORS_ORIGINS", "list", "",
             "comma-separated origins whose browser pages may POST events (CORS), or `*` "
             "for any; empty: CORS off",
@@ -205,6 +209,7 @@ class Settings:
     partition_interval: str = _DEFAULTS["partition_interval"]
     retention_days: int = _DEFAULTS["retention_days"]
     log_level: str = _DEFAULTS["log_level"]
+    log_format: str = _DEFAULTS["log_format"]
     cors_origins: tuple[str, ...] = _DEFAULTS["cors_origins"]
     read_keys: tuple[str, ...] = _DEFAULTS["read_keys"]
     api_keys: tuple[str, ...] = _DEFAULTS["api_keys"]

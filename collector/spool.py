@@ -7,9 +7,15 @@ PostgreSQL. When a worker dies (SIGKILL, OOM, gunicorn's timeout kill) the kerne
 releases its lock; any worker that can then take the lock owns the directory's
 leftovers and replays them (`orphans()`), idempotently since `event_id` is unique.
 
-A record is `MAGIC | length (u32) | crc32 (u32) | payload`. A torn record (a crash or
-a full disk mid-write) fails its length or checksum; readers skip to the next valid
-record, so the records before and after it are kept.
+A record is `MAGIC | length (u32) | crc32 (u32) | payload`. A torn record (a crash
+mid-write) fails its length or checksum; readers skip to the next valid record, so the
+records before and after it are kept.
+
+A full disk refuses the event, never an accepted one: a write cut short (ENOSPC) is
+truncated away before the refusal (SpoolDiskFull, a 503), so no record is half
+written or half counted. A fully flushed active segment is truncated to nothing, so a
+drained spool gives its space back, and the spool takes events again on its own once
+the disk has room.
 
 What it survives, by COLLECTOR_SPOOL_FSYNC:
   never     a process crash (the kernel's page cache outlives the process)
@@ -18,6 +24,7 @@ What it survives, by COLLECTOR_SPOOL_FSYNC:
             (fsyncs are shared by all requests waiting at that moment)
 """
 
+import errno
 import fcntl
 import logging
 import mmap
@@ -38,12 +45,29 @@ MAGIC = b"\xf1\xe5"
 HEADER = struct.Struct("<2sII")
 SEGMENT_SUFFIX = ".seg"
 LOCK_NAME = "lock"
-RECYCLE_FRACTION = 16
 ABANDONED_SETUP_AGE = 60.0  # seconds after which a hidden, unlocked spool directory is litter
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# Free space on the spool's filesystem, beyond the write that failed, before a full disk
+# counts as having room again (for /ready; a POST simply tries its write): this many
+# bytes, or this share of the filesystem if it is small.
+DISK_HEADROOM = 1 << 20
+DISK_HEADROOM_SHARE = 1 / 8
 
 
 class SpoolFull(Exception):
     """The spool's disk budget is used up; the event was not accepted."""
+
+    limit = "spool_max_bytes"  # what was exceeded, for the 503 body
+
+
+class SpoolDiskFull(SpoolFull):
+    """The spool's disk is full (or failing); the event was not accepted."""
+
+    limit = "spool_disk"
+
+
+class SpoolUnwritable(Exception):
+    """The spool directory cannot be created or written (permissions, read-only, not a dir)."""
 
 
 class SpoolPosition(NamedTuple):
@@ -123,9 +147,6 @@ class Spool:
         self.fsync = fsync
         self.fsync_interval = fsync_interval
         self.directory = self.root / f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
-        # A fully flushed active segment this large is replaced by a new one, so a
-        # small disk budget is given back without waiting for the segment to fill.
-        self._recycle_bytes = max(1, min(segment_bytes, max_bytes) // RECYCLE_FRACTION)
         self._lock_fd: int | None = None
         self._fd: int | None = None
         self._segments: dict[int, _Segment] = {}
@@ -136,6 +157,9 @@ class Spool:
         self._sync_wanted = gevent.event.Event()
         self._sync_done = gevent.event.Event()
         self._syncer: gevent.Greenlet | None = None
+        self._disk_problem: str | None = None  # why the last write failed, until it passes
+        self._disk_needed = 0  # bytes of the write that failed
+        self._disk_problem_since = 0.0
 
     @property
     def bytes(self) -> int:
@@ -151,47 +175,142 @@ class Spool:
     def open(self) -> None:
         """Create this worker's directory, take its lock and start the first segment.
 
+        Raise SpoolUnwritable if the directory cannot be written. A full disk is not
+        fatal: the spool refuses events (SpoolDiskFull) and tries again on each append,
+        while the flusher goes on draining what other spools hold on that disk.
+        """
+        try:
+            self._create()
+        except OSError as ex:
+            if ex.errno not in DISK_FULL_ERRNOS:
+                raise SpoolUnwritable(f"spool directory {self.root} cannot be written: "
+                                      f"{ex.strerror or ex}") from ex
+            self._disk_failed(ex, 0)
+        if self.fsync != "never":
+            self._syncer = gevent.spawn(self._sync_loop)
+
+    def _create(self) -> None:
+        """Make, lock and start the directory; on a retry, go on from the step that failed.
+
         The directory is made and locked under a hidden name, then renamed into place:
         a sibling looking for dead workers' spools must never see it unlocked.
         """
         hidden = self.root / ("." + self.directory.name)
-        hidden.mkdir(parents=True)
-        self._lock_fd = os.open(hidden / LOCK_NAME, os.O_CREAT | os.O_RDWR, 0o600)
-        fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        hidden.rename(self.directory)
-        self._start_segment(1)
-        if self.fsync != "never":
-            self._syncer = gevent.spawn(self._sync_loop)
+        if self._lock_fd is None:
+            hidden.mkdir(parents=True, exist_ok=True)
+            fd = os.open(hidden / LOCK_NAME, os.O_CREAT | os.O_RDWR, 0o600)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self._lock_fd = fd
+        if not self.directory.exists():
+            hidden.rename(self.directory)
+        if self._active is None:
+            self._start_segment(1)
 
     def append(self, payloads: list[bytes]) -> list[SpoolPosition]:
-        """Append records in one write; raise SpoolFull if they exceed the budget."""
+        """Append records in one write, all or none.
+
+        Raise SpoolFull if they exceed the budget, SpoolDiskFull if the disk cannot
+        take them; either way nothing of them stays in the spool.
+        """
         records = [encode_record(p) for p in payloads]
         size = sum(len(r) for r in records)
         if self._bytes + size > self.max_bytes:
-            raise SpoolFull(f"spool holds {self._bytes} bytes of {self.max_bytes}")
-        if self._active.size + size > self.segment_bytes and self._active.size:
-            self._rotate()
+            raise SpoolFull(f"its spool holds {self._bytes} bytes of its "
+                            f"{self.max_bytes}-byte budget")
+        data = b"".join(records)
+        try:
+            if self._active is None:
+                self._create()  # the disk was full at start
+            elif self._active.size + size > self.segment_bytes and self._active.size:
+                self._rotate()
+            self._write(data)
+        except OSError as ex:
+            raise self._disk_failed(ex, size) from ex
+        if self._disk_problem is not None:
+            self._disk_recovered()
         segment = self._active
         positions = []
         offset = segment.size
         for record in records:
             positions.append(SpoolPosition(segment.number, offset))
             offset += len(record)
-        data = b"".join(records)
-        try:
-            written = os.write(self._fd, data)
-            if written != len(data):
-                raise OSError(f"short write: {written} of {len(data)} bytes")
-        except OSError as ex:
-            # Cut off whatever part was written, so the segment stays whole.
-            os.ftruncate(self._fd, segment.size)
-            os.lseek(self._fd, segment.size, os.SEEK_SET)
-            raise SpoolFull(f"spool write failed: {ex}") from ex
         segment.size = offset
         segment.records += len(records)
         self._bytes += size
         self._appended += len(records)
         return positions
+
+    def _write(self, data: bytes) -> None:
+        """Write all of `data` at the active segment's end, or none of it (raise OSError)."""
+        segment = self._active
+        view = memoryview(data)
+        done = 0
+        try:
+            # A full disk first takes part of a write (a short write), and only the next
+            # write says why (ENOSPC): keep writing until done or refused.
+            while done < len(data):
+                written = os.write(self._fd, view[done:])
+                if written == 0:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                done += written
+        except OSError:
+            if done:
+                self._cut(segment)
+            raise
+
+    def _cut(self, segment: _Segment) -> None:
+        """Cut the active segment back to its last whole record, after a failed write."""
+        try:
+            os.ftruncate(self._fd, segment.size)
+        except OSError as ex:
+            # The torn bytes stay: count them, so that the next record's position is where
+            # it really lands (O_APPEND); readers skip the torn bytes as corrupt.
+            size = os.fstat(self._fd).st_size
+            logger.error("spool %s: torn write of %d bytes not cut off: %s",
+                         segment.path, size - segment.size, ex)
+            self._bytes += size - segment.size
+            segment.size = size
+
+    def _disk_failed(self, ex: OSError, size: int) -> SpoolDiskFull:
+        """Note that the disk refused a write of `size` bytes; return the error for the client."""
+        if ex.errno in DISK_FULL_ERRNOS:
+            problem, told = "spool disk is full", "the disk of its spool is full"
+        else:
+            problem = f"spool disk cannot be written ({ex.strerror or ex})"
+            told = "the disk of its spool cannot be written"
+        if self._disk_problem is None:
+            self._disk_problem_since = time.monotonic()
+            logger.error("%s: %s; events are refused (503) until it has room, spool %s "
+                         "holds %d bytes", problem, ex, self.directory, self._bytes)
+        self._disk_problem = problem
+        self._disk_needed = size
+        return SpoolDiskFull(told)
+
+    def _disk_recovered(self) -> None:
+        logger.warning("spool disk takes events again, after %.1f s of %r",
+                       time.monotonic() - self._disk_problem_since, self._disk_problem)
+        self._disk_problem = None
+
+    def disk_problem(self) -> str | None:
+        """Say why the spool's disk cannot take events now (full, failing), or None.
+
+        Once the filesystem shows room for the refused write again, the problem is over
+        even if no event has been written since (a load balancer may have stopped
+        sending any, because /ready said so).
+        """
+        if self._disk_problem is None:
+            return None
+        try:
+            disk = os.statvfs(self.root)
+        except OSError:
+            return self._disk_problem
+        headroom = min(DISK_HEADROOM, disk.f_blocks * disk.f_frsize * DISK_HEADROOM_SHARE)
+        room = disk.f_bavail * disk.f_frsize >= self._disk_needed + headroom
+        if self._active is None and disk.f_files and not disk.f_favail:
+            room = False  # not started yet: its directory and files need inodes too
+        if room and not disk.f_flag & os.ST_RDONLY:
+            self._disk_recovered()
+        return self._disk_problem
 
     def wait_durable(self) -> None:
         """With fsync=always, return once every record appended so far is fsynced."""
@@ -229,8 +348,8 @@ class Spool:
             return
         if segment is not self._active:
             self._delete(segment)
-        elif segment.size >= self._recycle_bytes:
-            self._rotate()  # all of it is in PostgreSQL: start afresh, give the bytes back
+        elif segment.size:
+            self._recycle(segment)
 
     def close(self) -> bool:
         """Stop the spool; remove its directory if every event was released. Tell if removed."""
@@ -242,7 +361,7 @@ class Spool:
             os.close(self._fd)
             self._fd = None
         empty = all(s.released >= s.records for s in self._segments.values())
-        if empty:
+        if empty and self.directory.exists():
             for segment in list(self._segments.values()):
                 self._delete(segment)
             _remove_directory(self.directory)
@@ -261,10 +380,25 @@ class Spool:
         old, fd = self._active, self._fd
         if self.fsync != "never" and old.released < old.records:
             os.fsync(fd)  # a closed segment is whole on disk; the syncer only sees the new one
+        self._start_segment(old.number + 1)  # if that fails, the old one stays active
         os.close(fd)
-        self._start_segment(old.number + 1)
         if old.released >= old.records:
             self._delete(old)
+
+    def _recycle(self, segment: _Segment) -> None:
+        """Empty the active segment once all of it is in PostgreSQL, giving its bytes back.
+
+        However small it is: on a full disk, a few drained KiB are what the next events
+        need. Nothing refers to its records any more (all were taken and released), so
+        the next one is written at offset 0 of the same segment.
+        """
+        try:
+            os.ftruncate(self._fd, 0)
+        except OSError as ex:
+            logger.error("spool %s not emptied: %s", segment.path, ex)
+            return
+        self._bytes -= segment.size
+        segment.size = segment.records = segment.released = 0
 
     def _delete(self, segment: _Segment) -> None:
         try:

@@ -3,7 +3,7 @@
 One strict pass with msgspec decodes the envelope and checks the types; `metadata` is
 kept as the client's own JSON text (msgspec.Raw), so it is stored exactly as sent and
 never decoded and re-encoded on the hot path. The checks that follow are the ones
-PostgreSQL's jsonb would otherwise fail on later, in the flusher (pitfall 5): a
+PostgreSQL's jsonb would otherwise fail on later, in the flusher, again at every retry: a
 `\\u0000` escape, lone surrogates, numbers past a double's range, deep nesting.
 """
 

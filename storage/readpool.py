@@ -2,7 +2,7 @@
 
 Reads (GET /events, GET /counts) never use the flusher's connection, so a slow read
 cannot hold up a write, and the pool is small, so reads cannot take every connection
-the server has. A psycopg2 connection is not green-thread safe (pitfall 2): each is
+the server has. A psycopg2 connection is not safe for two greenlets at once: each is
 lent to one caller at a time and given back when its query is done; a caller that
 finds none free waits up to `wait_timeout`, then is told the reads are busy.
 

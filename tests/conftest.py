@@ -5,4 +5,6 @@ pytest_plugins = [
     "tests.fixtures.collector",
     "tests.fixtures.nginx",
     "tests.fixtures.pgbouncer",
+    "tests.fixtures.prometheus",
+    "tests.fixtures.browser",
 ]

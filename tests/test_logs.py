@@ -2,6 +2,7 @@
 
 import json
 import re
+import time
 
 from tests.client import make_event, post_json, post_stream, request
 from tests.polling import wait_until
@@ -54,3 +55,29 @@ def test_log_level_comes_from_the_setting(start_collector, database):
     # At info, gunicorn and the pipeline log their start and stop; at warning, neither.
     assert {r["level"] for r in records} <= {"WARNING", "ERROR", "CRITICAL"}, records
     assert "pipeline started" not in collector.output()
+
+
+def test_plain_logs_when_asked_and_the_address_listened_at(start_collector, database):
+    collector = start_collector({"COLLECTOR_LOG_FORMAT": "plain"}, workers=1)
+    assert collector.terminate() == 0
+    lines = collector.output().splitlines()
+    assert lines and not any(line.startswith("{") for line in lines), lines[:5]
+    assert any(re.search(r" INFO \[\d+\] collector\.pipeline: pipeline started", line)
+               for line in lines), lines
+    assert any(f"firehose listening at {collector.url}" in line for line in lines), lines
+
+
+def test_an_outage_from_the_start_is_timed_from_its_first_failure(start_collector, database,
+                                                                  postgres):
+    postgres.stop("fast")
+    collector = start_collector({"COLLECTOR_LOG_FORMAT": "json"}, workers=1)
+    assert post_json(collector.url + "/event", make_event()).status == 202
+    health = wait_until(lambda: (lambda h: h if h["outage_since"] else None)(collector.health()),
+                        10, "the outage to be seen")
+    wait_until(lambda: time.time() - health["outage_since"] > 2, 5, "2 s of outage")
+    postgres.start("firehose_test")
+    wait_until(lambda: database.count() == 1, 30, "the event's row")
+    records, _ = split_output(collector.output())
+    back = [r for r in records if r["message"].startswith("database available again")]
+    assert len(back) == 1 and back[0]["level"] == "INFO", back
+    assert float(re.search(r"after ([0-9.]+) s", back[0]["message"]).group(1)) >= 2, back

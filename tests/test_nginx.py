@@ -322,7 +322,7 @@ def test_nginx_conf_agrees_with_gunicorn_and_the_collector():
     upstream = re.search(r"upstream firehose\s*\{([^}]*)\}", text).group(1)
     assert directive(upstream, "keepalive")
     (upstream_idle,) = directive(upstream, "keepalive_timeout")
-    # gunicorn must outlast nginx on an idle connection (pitfall 9).
+    # gunicorn must outlast nginx on an idle connection, or a POST meets a closed one.
     assert int(upstream_idle.rstrip("s")) < gunicorn["keepalive"]
     assert directive(text, "proxy_http_version") == ["1.1"]
     assert directive(text, "proxy_set_header Connection") == ['""']

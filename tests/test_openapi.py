@@ -91,7 +91,7 @@ def test_fuzzed_requests_get_documented_answers_and_lose_no_event(server):
     assert statuses.get(202) and statuses.get(400), statuses  # both kinds were exercised
     wait_until(lambda: set(accepted) <= set(database.event_ids()), 30,
                f"the {len(set(accepted))} accepted events in PostgreSQL")
-    # Whatever PostgreSQL would refuse is refused at the edge (pitfall 5).
+    # Whatever PostgreSQL would refuse is refused at the edge.
     assert database.count("dead_letters") == 0, database.query("TABLE dead_letters")
     health = collector.health()
     assert health["accepted"] == len(accepted) and health["pending"] == 0, health
