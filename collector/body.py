@@ -1,4 +1,12 @@
-"""Read a request body within its limits: content type, size, and gzip decompression."""
+"""Read a request body within its limits: framing, content type, size, gzip, a leading BOM.
+
+A body arrives with a Content-Length or chunked (Transfer-Encoding: chunked, which many
+clients send for a streamed body). Either way it is read as it arrives and refused (413)
+as soon as it passes the limit. A body is taken only when it arrived whole: a
+Content-Length body that ends early (the client went away) or a chunked body that is
+malformed or lacks its last chunk is refused (400), so no event is ever taken from part
+of a message.
+"""
 
 import zlib
 
@@ -9,6 +17,8 @@ from collector.errors import CollectorError
 JSON_TYPES = ("application/json", "text/plain")  # text/plain: navigator.sendBeacon
 BATCH_TYPES = JSON_TYPES + ("application/x-ndjson",)
 GZIP_WINDOW = 16 + zlib.MAX_WBITS  # gzip header and trailer
+READ_STEP = 64 * 1024  # bytes asked of a chunked body at a time, between limit checks
+BOM = b"\xef\xbb\xbf"  # UTF-8 byte order mark; RFC 8259 section 8.1 lets a parser ignore it
 
 
 def media_type(req: falcon.Request) -> str:
@@ -18,32 +28,85 @@ def media_type(req: falcon.Request) -> str:
 
 def read_body(req: falcon.Request, max_bytes: int, limit_name: str,
               allowed_types: tuple[str, ...]) -> bytes:
-    """Return the body, decompressed; refuse a wrong type (415) or too many bytes (413)."""
+    """Return the whole body, decompressed, without a leading BOM.
+
+    Refuse a wrong type or encoding (415), too many bytes (413), and a body that did
+    not arrive whole (400).
+    """
     kind = media_type(req)
     if kind and kind not in allowed_types:
         raise CollectorError(
             falcon.HTTP_415, "Unsupported media type",
             f"Content-Type {kind!r} is not accepted; send one of {', '.join(allowed_types)}",
             limit="content_type")
-    if req.content_length is not None and req.content_length > max_bytes:
-        raise _too_large(max_bytes, limit_name)
-    raw = req.bounded_stream.read(max_bytes + 1)
     encoding = (req.get_header("Content-Encoding") or "identity").strip().lower()
-    if encoding == "gzip":
-        return _gunzip(raw, max_bytes, limit_name)
-    if encoding != "identity":
+    if encoding not in ("gzip", "identity"):
         raise CollectorError(falcon.HTTP_415, "Unsupported content encoding",
                              f"Content-Encoding {encoding!r} is not accepted; "
                              "send gzip or no encoding", limit="content_encoding")
-    if len(raw) > max_bytes:
+    if req.content_length is not None:
+        raw = _read_length(req, req.content_length, max_bytes, limit_name)
+    elif _chunked(req):
+        raw = _read_chunked(req, max_bytes, limit_name)
+    else:
+        raw = b""  # neither a length nor chunked: HTTP/1.1 says there is no body
+    body = _gunzip(raw, max_bytes, limit_name) if encoding == "gzip" else raw
+    return body[len(BOM):] if body.startswith(BOM) else body
+
+
+def _chunked(req: falcon.Request) -> bool:
+    """Tell whether the body is chunked (the server has checked that chunked comes last)."""
+    return "chunked" in (req.get_header("Transfer-Encoding") or "").lower()
+
+
+def _read_length(req: falcon.Request, length: int, max_bytes: int, limit_name: str) -> bytes:
+    """Read a body of `length` bytes, refusing it if it is too long or ends early."""
+    if length > max_bytes:
         raise _too_large(max_bytes, limit_name)
+    # The server's own stream, not falcon's bounded_stream: both stop at the length, but
+    # only a short read of this one shows that the client went away before the end.
+    raw = _read(req, length)
+    if len(raw) < length:
+        raise CollectorError(falcon.HTTP_400, "Incomplete body",
+                             f"the connection ended after {len(raw)} of the "
+                             f"{length} bytes of Content-Length; nothing was accepted")
     return raw
 
 
+def _read_chunked(req: falcon.Request, max_bytes: int, limit_name: str) -> bytes:
+    """Read a chunked body, refusing it (413) as soon as it passes max_bytes."""
+    if not req.env.get("wsgi.input_terminated"):
+        # Without it, a WSGI server's stream has no end that marks the body's end.
+        raise CollectorError(falcon.HTTP_411, "Length required",
+                             "this server cannot read a chunked body; send Content-Length")
+    parts, received = [], 0
+    while True:
+        piece = _read(req, min(READ_STEP, max_bytes + 1 - received))
+        if not piece:
+            return b"".join(parts)  # the last chunk (and any trailers) arrived
+        parts.append(piece)
+        received += len(piece)
+        if received > max_bytes:
+            # The rest is never kept: gunicorn discards it, 1 KiB at a time and for at
+            # most its keep-alive timeout, before it reads another request.
+            raise _too_large(max_bytes, limit_name)
+
+
+def _read(req: falcon.Request, size: int) -> bytes:
+    """Read up to `size` bytes of the body; a short result means the stream ended."""
+    try:
+        return req.stream.read(size)
+    except Exception:  # noqa: BLE001 - the server's own errors, e.g. gunicorn's NoMoreData
+        # gunicorn raises when a chunked body is malformed or the connection ends inside
+        # it, and then closes the connection after this answer. Its message may quote
+        # the client's bytes, so it is not repeated here.
+        raise CollectorError(falcon.HTTP_400, "Incomplete body",
+                             "the chunked body is malformed or ended before its last "
+                             "chunk; nothing was accepted") from None
+
+
 def _gunzip(raw: bytes, max_bytes: int, limit_name: str) -> bytes:
-    """Decompress at most max_bytes + 1 bytes, so a zip bomb costs no memory."""
-    if len(raw) > max_bytes:
-        raise _too_large(max_bytes, limit_name)
+    """Decompress at most max_bytes + 1 bytes, so a small gzip bomb costs no memory."""
     inflater = zlib.decompressobj(GZIP_WINDOW)
     try:
         body = inflater.decompress(raw, max_bytes + 1)
