@@ -92,25 +92,25 @@ class RawConnection:
         data, self._buf = self._buf[:index], self._buf[index:]
         return data
 
-    def read_response(self) -> RawResponse:
-        """Read one answer (1xx answers included), whose body has a Content-Length."""
-        head = self.read_until(b"\r\n\r\n").decode("latin-1")
-        status_line, *lines = head[:-4].split("\r\n")
+    def read_response(self, head: bool = False) -> RawResponse:
+        """Read one answer (1xx included) whose body has a Content-Length; none to HEAD."""
+        block = self.read_until(b"\r\n\r\n").decode("latin-1")
+        status_line, *lines = block[:-4].split("\r\n")
         headers = {}
         for line in lines:
             name, _, value = line.partition(":")
             headers[name.strip().lower()] = value.strip()
         status = int(status_line.split()[1])
-        length = int(headers.get("content-length", "0"))
+        length = 0 if head or status < 200 else int(headers.get("content-length", "0"))
         while len(self._buf) < length:
             self._fill()
         body, self._buf = self._buf[:length], self._buf[length:]
         return RawResponse(status, headers, body)
 
-    def read_final(self) -> RawResponse:
+    def read_final(self, head: bool = False) -> RawResponse:
         """Read answers until one is not 1xx (a 100 Continue) and return it."""
         while True:
-            response = self.read_response()
+            response = self.read_response(head)
             if response.status >= 200:
                 return response
 
