@@ -5,19 +5,24 @@ clients send for a streamed body). Either way it is read as it arrives and refus
 as soon as it passes the limit. A body is taken only when it arrived whole: a
 Content-Length body that ends early (the client went away) or a chunked body that is
 malformed or lacks its last chunk is refused (400), so no event is ever taken from part
-of a message.
+of a message. A body that stops arriving is refused (408) after BODY_READ_TIMEOUT.
 """
 
 import zlib
 
 import falcon
+import gevent
 
 from collector.errors import CollectorError
 
 JSON_TYPES = ("application/json", "text/plain")  # text/plain: navigator.sendBeacon
 BATCH_TYPES = JSON_TYPES + ("application/x-ndjson",)
 GZIP_WINDOW = 16 + zlib.MAX_WBITS  # gzip header and trailer
-READ_STEP = 64 * 1024  # bytes asked of a chunked body at a time, between limit checks
+READ_STEP = 16 * 1024  # bytes asked of the stream at a time, between limit checks
+# Seconds each READ_STEP of a body may take to arrive (nginx's client_body_timeout in
+# conf/nginx.conf). gunicorn bounds only the wait for a request's head (its keepalive
+# setting): without this, a client that stops mid-body holds its connection forever.
+BODY_READ_TIMEOUT = 10
 BOM = b"\xef\xbb\xbf"  # UTF-8 byte order mark; RFC 8259 section 8.1 lets a parser ignore it
 
 
@@ -65,7 +70,14 @@ def _read_length(req: falcon.Request, length: int, max_bytes: int, limit_name: s
         raise _too_large(max_bytes, limit_name)
     # The server's own stream, not falcon's bounded_stream: both stop at the length, but
     # only a short read of this one shows that the client went away before the end.
-    raw = _read(req, length)
+    parts, received = [], 0
+    while received < length:
+        piece = _read(req, min(READ_STEP, length - received))
+        if not piece:
+            break
+        parts.append(piece)
+        received += len(piece)
+    raw = b"".join(parts)
     if len(raw) < length:
         raise CollectorError(falcon.HTTP_400, "Incomplete body",
                              f"the connection ended after {len(raw)} of the "
@@ -92,10 +104,22 @@ def _read_chunked(req: falcon.Request, max_bytes: int, limit_name: str) -> bytes
             raise _too_large(max_bytes, limit_name)
 
 
+class BodyStalled(Exception):
+    """No READ_STEP of the body arrived within BODY_READ_TIMEOUT."""
+
+
 def _read(req: falcon.Request, size: int) -> bytes:
     """Read up to `size` bytes of the body; a short result means the stream ended."""
     try:
-        return req.stream.read(size)
+        # An Exception, not gevent's Timeout (a BaseException): gunicorn's body reader
+        # then marks the body failed and closes the connection after the answer.
+        with gevent.Timeout(BODY_READ_TIMEOUT, BodyStalled()):
+            return req.stream.read(size)
+    except BodyStalled:
+        raise CollectorError(falcon.HTTP_408, "Request timeout",
+                             f"the body came too slowly (each {READ_STEP // 1024} KiB must "
+                             f"arrive within {BODY_READ_TIMEOUT} s); nothing was accepted",
+                             limit="body_timeout") from None
     except Exception:  # noqa: BLE001 - the server's own errors, e.g. gunicorn's NoMoreData
         # gunicorn raises when a chunked body is malformed or the connection ends inside
         # it, and then closes the connection after this answer. Its message may quote

@@ -1,0 +1,204 @@
+"""Slow and idle clients straight to gunicorn: none of them stops it serving the others.
+
+- A body that stops arriving is answered 408 after collector/body.py's BODY_READ_TIMEOUT
+  and its connection closed; nothing of it is stored.
+- 1,500 connections each dribbling a request head a byte a second (slowloris) are closed
+  by gunicorn when its `keepalive` (15 s, gunicorn.conf.py) runs out, unanswered, and
+  meanwhile other clients are answered within their usual latency.
+- Clients that send requests and never read the answers hold only their own
+  connections: the worker goes on serving the others.
+"""
+
+import fcntl
+import selectors
+import socket
+import struct
+import termios
+import threading
+import time
+
+import pytest
+
+from collector.body import BODY_READ_TIMEOUT
+from tests.body_server import (event_body, none_stored, post, post_chunked_head,  # noqa: F401
+                               server)
+from tests.client import make_event, post_json, request
+from tests.polling import wait_until
+from tests.rawhttp import RawConnection, request_head
+
+HEAD_TIMEOUT = 15  # gunicorn.conf.py's keepalive: how long a request's head may take
+SLOW_CONNECTIONS = 1500
+DRIBBLE_FOR = 20  # seconds the dribbling goes on at most
+PROBES = 200  # requests that measure the latency of everyone else, before and during
+PROBE_CEILING = 0.25  # seconds: a probe's p99 during the dribble stays under this...
+PROBE_FACTOR = 5  # ...or under this many times the p99 measured before it
+PROBE_INTERVAL = 0.05  # seconds between probes during the dribble
+PROBE_UNTIL = HEAD_TIMEOUT - 2  # seconds into the dribble: all 1,500 still open
+STUCK_CLIENTS = 20
+STUCK_REQUESTS = 4000  # pipelined per stuck client: far more answers than its buffers hold
+SMALL_BUFFER = 4096  # the stuck clients' receive buffer, so they fill it soon
+STUCK_WAIT = 10
+
+
+def probe_latencies(url: str, count: int, until: float | None = None) -> list[float]:
+    """POST up to `count` events one after the other; return the latencies.
+
+    With `until` (a time.monotonic() value), one every PROBE_INTERVAL until then instead,
+    so that the probes span a whole period.
+    """
+    latencies = []
+    pace = threading.Event()  # never set: its wait() paces the probes
+    for _ in range(count):
+        if until is not None and time.monotonic() >= until:
+            break
+        answer = post_json(url + "/event", make_event())
+        assert answer.status == 202, answer
+        latencies.append(answer.latency)
+        if until is not None:
+            pace.wait(PROBE_INTERVAL)
+    return latencies
+
+
+def p99(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+
+
+@pytest.mark.slow
+def test_a_stalled_body_is_408_and_closed(server):
+    collector, _ = server
+    length_event, length_body = event_body()
+    chunked_event, chunked_body = event_body()
+    started = time.monotonic()
+    with RawConnection(collector.port, timeout=BODY_READ_TIMEOUT + 10) as by_length, \
+            RawConnection(collector.port, timeout=BODY_READ_TIMEOUT + 10) as by_chunks:
+        by_length.send(post("/event", length_body)[:-10])  # all but the last 10 bytes
+        by_chunks.send(post_chunked_head("/event")
+                       + b"%x\r\n%s\r\n" % (len(chunked_body), chunked_body))  # no last chunk
+        answers = [by_length.read_final(), by_chunks.read_final()]
+        waited = time.monotonic() - started
+        assert by_length.closed_by_server() and by_chunks.closed_by_server()
+    for answer in answers:
+        assert answer.status == 408, answer
+        assert answer.json()["limit"] == "body_timeout"
+    assert BODY_READ_TIMEOUT <= waited < BODY_READ_TIMEOUT + 5
+    none_stored(server, length_event, chunked_event)
+
+
+class Dribbler:
+    """Many connections, each sent one more byte of a request head every second."""
+
+    HEAD = request_head("GET", "/health", {"X-Pad": "x" * 64})[:-2]  # never ends
+
+    def __init__(self, port: int, count: int) -> None:
+        self.socks = [socket.create_connection(("127.0.0.1", port), timeout=5)
+                      for _ in range(count)]
+        self.opened = time.monotonic()
+        self.closed_after: dict[socket.socket, float] = {}  # seconds after opening
+        self.answered = 0  # connections that got any bytes back
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="dribbler", daemon=True)
+
+    def _run(self) -> None:
+        selector = selectors.DefaultSelector()
+        for sock in self.socks:
+            sock.setblocking(False)
+            selector.register(sock, selectors.EVENT_READ)
+        sent = 0
+        deadline = self.opened + DRIBBLE_FOR
+        while not self.stop.is_set() and time.monotonic() < deadline and sent < len(self.HEAD):
+            for sock in self.socks:
+                if sock not in self.closed_after:
+                    try:
+                        sock.send(self.HEAD[sent:sent + 1])
+                    except OSError:
+                        self._closed(selector, sock)
+            sent += 1
+            next_byte = self.opened + sent
+            while time.monotonic() < next_byte and not self.stop.is_set():
+                for key, _ in selector.select(max(0.0, next_byte - time.monotonic())):
+                    self._closed(selector, key.fileobj)
+            if len(self.closed_after) == len(self.socks):
+                break
+        selector.close()
+
+    def _closed(self, selector, sock) -> None:
+        try:
+            if sock.recv(4096):
+                self.answered += 1
+        except OSError:
+            pass
+        self.closed_after[sock] = time.monotonic() - self.opened
+        selector.unregister(sock)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(DRIBBLE_FOR + 5)
+        for sock in self.socks:
+            sock.close()
+
+
+@pytest.mark.slow
+def test_slowloris_heads_do_not_stop_the_service(server):
+    collector, _ = server
+    before = probe_latencies(collector.url, PROBES)
+    dribbler = Dribbler(collector.port, SLOW_CONNECTIONS)
+    try:
+        dribbler.thread.start()
+        during = probe_latencies(collector.url, PROBES * 2, dribbler.opened + PROBE_UNTIL)
+        during_ended = time.monotonic() - dribbler.opened
+        still_open = SLOW_CONNECTIONS - len(dribbler.closed_after)
+        dribbler.thread.join(DRIBBLE_FOR + 5)
+    finally:
+        dribbler.close()
+    closed = sorted(dribbler.closed_after.values())
+    print(f"\nslowloris: p99 before {p99(before) * 1000:.1f} ms, during "
+          f"{p99(during) * 1000:.1f} ms (probes ended at {during_ended:.1f} s); "
+          f"{still_open} open then; {len(closed)} closed by gunicorn, "
+          f"after {closed[0] if closed else 0:.1f}-{closed[-1] if closed else 0:.1f} s")
+    assert PROBE_UNTIL <= during_ended < HEAD_TIMEOUT and still_open == SLOW_CONNECTIONS
+    assert p99(during) < max(PROBE_CEILING, PROBE_FACTOR * p99(before))
+    assert len(closed) == SLOW_CONNECTIONS, "gunicorn kept some dribbling connections open"
+    assert HEAD_TIMEOUT - 1 <= closed[0] and closed[-1] < DRIBBLE_FOR
+    assert dribbler.answered == 0  # closed without an answer: no request was ever complete
+    assert request(collector.url + "/health").status == 200
+
+
+def stuck_client(port: int) -> socket.socket:
+    """Connect with a small receive buffer, pipeline many requests, never read."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SMALL_BUFFER)
+    sock.connect(("127.0.0.1", port))
+    sock.setblocking(False)
+    requests = request_head("GET", "/health", {}) * STUCK_REQUESTS
+    try:
+        sock.send(requests)  # what the buffers take; the server stops reading once stuck
+    except BlockingIOError:
+        pass
+    return sock
+
+
+@pytest.mark.slow
+def test_clients_that_never_read_do_not_hold_the_worker(server):
+    collector, _ = server
+    before = probe_latencies(collector.url, PROBES)
+    stuck = [stuck_client(collector.port) for _ in range(STUCK_CLIENTS)]
+    try:
+        # The worker writes answers until each client's receive buffer is full, then its
+        # greenlet for that connection waits to write the next one.
+        wait_until(lambda: all(unread_bytes(sock) >= SMALL_BUFFER for sock in stuck),
+                   STUCK_WAIT, "the stuck clients' receive buffers to fill")
+        during = probe_latencies(collector.url, PROBES)
+        queued = [unread_bytes(sock) for sock in stuck]
+    finally:
+        for sock in stuck:
+            sock.close()
+    print(f"\nnever-reading clients: p99 before {p99(before) * 1000:.1f} ms, during "
+          f"{p99(during) * 1000:.1f} ms; {min(queued)}-{max(queued)} bytes unread each")
+    assert p99(during) < max(PROBE_CEILING, PROBE_FACTOR * p99(before))
+    assert request(collector.url + "/health").status == 200
+
+
+def unread_bytes(sock: socket.socket) -> int:
+    """Return how many bytes of answers wait, unread, in this client's receive buffer."""
+    return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0" * 4))[0]
