@@ -12,8 +12,11 @@ import json
 import re
 import time
 
+import falcon.testing
 import pytest
 
+from collector.app import create_app
+from collector.settings import Settings
 from tests.body_server import (JSON_TYPE, NDJSON_TYPE, event_body, nginx, none_stored,  # noqa: F401
                                port, post, post_chunked_head, server, stored)
 from tests.client import make_event, post_json
@@ -273,3 +276,12 @@ def test_only_one_bom_is_ignored(server):
     assert answer.status == 400, answer
     assert answer.body["title"] == "Invalid body"
     none_stored(server, event)
+
+
+def test_chunked_body_without_a_terminated_stream_is_411(tmp_path):
+    """A WSGI server that does not mark the end of wsgi.input cannot frame a chunked body."""
+    app = create_app(Settings(database_url="postgresql://unused/none", spool_dir=str(tmp_path)))
+    answer = falcon.testing.TestClient(app).simulate_post(
+        "/event", headers={"Content-Type": JSON_TYPE, "Transfer-Encoding": "chunked"})
+    assert answer.status_code == 411, answer.text
+    assert answer.json["title"] == "Length required"
