@@ -178,7 +178,6 @@ def stuck_client(port: int) -> socket.socket:
     return sock
 
 
-@pytest.mark.slow
 def test_clients_that_never_read_do_not_hold_the_worker(server):
     collector, _ = server
     before = probe_latencies(collector.url, PROBES)
