@@ -31,7 +31,7 @@ def server(postgres, tmp_path_factory):
 @pytest.fixture(scope="module")
 def nginx(server, tmp_path_factory):
     """Real nginx running conf/nginx.conf in front of the module's collector."""
-    proxy = Nginx(nginx_binary(), tmp_path_factory.mktemp("nginx"), server[0].port).start()
+    proxy = Nginx(nginx_binary(), tmp_path_factory.mktemp("nginx"), (server[0].port,)).start()
     yield proxy
     proxy.stop()
 
