@@ -67,8 +67,20 @@ def read_body(req: falcon.Request, max_bytes: int, limit_name: str,
 
 
 def _chunked(req: falcon.Request) -> bool:
-    """Tell whether the body is chunked (the server has checked that chunked comes last)."""
-    return "chunked" in (req.get_header("Transfer-Encoding") or "").lower()
+    """Tell whether the body is chunked; refuse (501) a transfer coding other than chunked.
+
+    gunicorn has already refused a Transfer-Encoding that does not end with chunked. It
+    lets `gzip, chunked` through, but removes only the chunks: the body would still be
+    compressed, and the answer would be a puzzling "not valid JSON".
+    """
+    codings = [c.strip().lower() for c in (req.get_header("Transfer-Encoding") or "").split(",")]
+    unknown = [c for c in codings if c not in ("", "chunked", "identity")]
+    if unknown:
+        raise CollectorError(falcon.HTTP_501, "Not implemented",
+                             f"Transfer-Encoding {unknown[0]!r} is not supported; send "
+                             "chunked alone (with Content-Encoding: gzip to compress)",
+                             limit="transfer_encoding")
+    return "chunked" in codings
 
 
 def _read_length(req: falcon.Request, length: int, max_bytes: int, limit_name: str) -> bytes:

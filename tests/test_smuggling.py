@@ -8,6 +8,8 @@ nginx (conf/nginx.conf) each is refused by nginx, in the app's JSON shape. Eithe
 neither event is stored and no second answer comes.
 """
 
+import gzip
+
 import pytest
 
 from tests.body_server import (event_body, nginx, none_stored, port, post,  # noqa: F401
@@ -147,3 +149,17 @@ def test_nginx_501_page_is_internal(nginx):
         answer = conn.read_final()
     assert answer.status == 404, answer
     assert answer.headers["content-type"].startswith("application/json")
+
+
+def test_a_compressing_transfer_coding_is_501_json(server):
+    """gunicorn takes `gzip, chunked` and removes only the chunks: the app refuses the rest."""
+    collector, _ = server
+    event, body = event_body()
+    with RawConnection(collector.port) as conn:
+        conn.send(request_head("POST", "/event",
+                               [JSON_HEAD, ("Transfer-Encoding", "gzip, chunked")])
+                  + chunked(gzip.compress(body), 64))
+        answer = conn.read_final()
+    assert answer.status == 501, answer
+    assert answer.json()["limit"] == "transfer_encoding"
+    none_stored(server, event)
