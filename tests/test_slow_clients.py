@@ -10,6 +10,7 @@
 """
 
 import fcntl
+import runpy
 import selectors
 import socket
 import struct
@@ -23,10 +24,12 @@ from collector.body import BODY_READ_TIMEOUT
 from tests.body_server import (event_body, none_stored, post, post_chunked_head,  # noqa: F401
                                server)
 from tests.client import make_event, post_json, request
+from tests.fixtures.collector import PROJECT_DIR
 from tests.polling import wait_until
 from tests.rawhttp import RawConnection, request_head
 
-HEAD_TIMEOUT = 15  # gunicorn.conf.py's keepalive: how long a request's head may take
+# gunicorn.conf.py's keepalive: how long a request's head may take (15 s).
+HEAD_TIMEOUT = runpy.run_path(str(PROJECT_DIR / "gunicorn.conf.py"))["keepalive"]
 SLOW_CONNECTIONS = 1500
 DRIBBLE_FOR = 20  # seconds the dribbling goes on at most
 PROBES = 200  # requests that measure the latency of everyone else, before and during
@@ -153,7 +156,7 @@ def test_slowloris_heads_do_not_stop_the_service(server):
         dribbler.close()
     closed = sorted(dribbler.closed_after.values())
     print(f"\nslowloris: p99 before {p99(before) * 1000:.1f} ms, during "
-          f"{p99(during) * 1000:.1f} ms (probes ended at {during_ended:.1f} s); "
+          f"{p99(during) * 1000:.1f} ms ({len(during)} probes until {during_ended:.1f} s); "
           f"{still_open} open then; {len(closed)} closed by gunicorn, "
           f"after {closed[0] if closed else 0:.1f}-{closed[-1] if closed else 0:.1f} s")
     assert PROBE_UNTIL <= during_ended < HEAD_TIMEOUT and still_open == SLOW_CONNECTIONS
