@@ -163,3 +163,32 @@ def test_a_compressing_transfer_coding_is_501_json(server):
     assert answer.status == 501, answer
     assert answer.json()["limit"] == "transfer_encoding"
     none_stored(server, event)
+
+
+@pytest.mark.parametrize("refusal", ["415 before reading", "413 before reading", "400 invalid"])
+def test_a_body_refused_unread_is_skipped_whole(server, port, request, refusal):
+    """The app may refuse without reading the body: the next request starts after it.
+
+    Each body holds a whole request of its own; read as a request, it would store an event.
+    (nginx closes the connection after its own 413, so there the next request is not read.)
+    """
+    closes = request.node.callspec.params["port"] == "nginx" and refusal.startswith("413")
+    smuggled, smuggled_body = event_body()
+    inner = post("/event", smuggled_body)
+    headers, body, status = {}, inner, 400
+    if refusal.startswith("415"):
+        headers, status = {"Content-Type": "application/xml"}, 415
+    elif refusal.startswith("413"):
+        body, status = inner + b" " * 70_000, 413
+    after, after_body = event_body()
+    with RawConnection(port) as conn:
+        conn.send(post("/event", body, headers) + post("/event", after_body))
+        first = conn.read_final()
+        if closes:
+            assert conn.closed_by_server() and conn.unread == b""
+        else:
+            second = conn.read_final()
+            assert second.status == 202, second
+            assert second.json()["event_id"] == after["event_id"], second
+    assert first.status == status, first
+    none_stored(server, smuggled)
