@@ -140,13 +140,13 @@ def _read(req: falcon.Request, size: int) -> bytes:
                              f"{BODY_READ_TIMEOUT} s, or as long as its bytes take at "
                              f"{MIN_BODY_RATE} bytes/s); nothing was accepted",
                              limit="body_timeout") from None
-    except Exception:  # noqa: BLE001 - the server's own errors, e.g. gunicorn's NoMoreData
+    except Exception:  # the server's own errors: gunicorn's NoMoreData, a reset socket
         # gunicorn raises when a chunked body is malformed or the connection ends inside
         # it, and then closes the connection after this answer. Its message may quote
         # the client's bytes, so it is not repeated here.
         raise CollectorError(falcon.HTTP_400, "Incomplete body",
-                             "the chunked body is malformed or ended before its last "
-                             "chunk; nothing was accepted") from None
+                             "the body could not be read whole (malformed chunks, or the "
+                             "connection ended inside it); nothing was accepted") from None
 
 
 def _gunzip(raw: bytes, max_bytes: int, limit_name: str) -> bytes:
