@@ -33,14 +33,20 @@ HEAD_TIMEOUT = runpy.run_path(str(PROJECT_DIR / "gunicorn.conf.py"))["keepalive"
 SLOW_CONNECTIONS = 1500
 DRIBBLE_FOR = 20  # seconds the dribbling goes on at most
 PROBES = 200  # requests that measure the latency of everyone else, before and during
-PROBE_CEILING = 0.25  # seconds: a probe's p99 during the dribble stays under this...
-PROBE_FACTOR = 5  # ...or under this many times the p99 measured before it
+# The probes' median latency while slow clients hang on stays under MEDIAN_FACTOR times
+# the median before them (or under MEDIAN_FLOOR), and none waits anything like a timeout.
+# Medians, because this 2-core machine is shared: its tail moves with other processes.
+MEDIAN_FACTOR = 5
+MEDIAN_FLOOR = 0.05
+SLOWEST_PROBE = 2.0
 PROBE_INTERVAL = 0.05  # seconds between probes during the dribble
 PROBE_UNTIL = HEAD_TIMEOUT - 2  # seconds into the dribble: all 1,500 still open
 STUCK_CLIENTS = 20
-STUCK_REQUESTS = 4000  # pipelined per stuck client: far more answers than its buffers hold
+# Pipelined per stuck client: /openapi.json answers (13 KB each) that overflow both its
+# receive buffer and the server's send buffer (at most 4 MiB, net.ipv4.tcp_wmem).
+STUCK_REQUESTS = 1000
 SMALL_BUFFER = 4096  # the stuck clients' receive buffer, so they fill it soon
-STUCK_WAIT = 10
+STUCK_WAIT = 20
 
 
 def probe_latencies(url: str, count: int, until: float | None = None) -> list[float]:
@@ -62,9 +68,18 @@ def probe_latencies(url: str, count: int, until: float | None = None) -> list[fl
     return latencies
 
 
-def p99(values: list[float]) -> float:
+def percentile(values: list[float], p: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+    return ordered[min(len(ordered) - 1, int(len(ordered) * p / 100))]
+
+
+def assert_usual_latency(before: list[float], during: list[float], what: str) -> None:
+    """Print the probes' latencies and check that `during` is as usual as `before`."""
+    print(f"\n{what}: p50/p99 before {percentile(before, 50) * 1000:.1f}/"
+          f"{percentile(before, 99) * 1000:.1f} ms, during {percentile(during, 50) * 1000:.1f}/"
+          f"{percentile(during, 99) * 1000:.1f} ms, slowest {max(during) * 1000:.0f} ms")
+    assert percentile(during, 50) < max(MEDIAN_FLOOR, MEDIAN_FACTOR * percentile(before, 50))
+    assert max(during) < SLOWEST_PROBE
 
 
 @pytest.mark.slow
@@ -155,12 +170,11 @@ def test_slowloris_heads_do_not_stop_the_service(server):
     finally:
         dribbler.close()
     closed = sorted(dribbler.closed_after.values())
-    print(f"\nslowloris: p99 before {p99(before) * 1000:.1f} ms, during "
-          f"{p99(during) * 1000:.1f} ms ({len(during)} probes until {during_ended:.1f} s); "
-          f"{still_open} open then; {len(closed)} closed by gunicorn, "
+    print(f"\nslowloris: {len(during)} probes until {during_ended:.1f} s, {still_open} "
+          f"connections open then; {len(closed)} closed by gunicorn, "
           f"after {closed[0] if closed else 0:.1f}-{closed[-1] if closed else 0:.1f} s")
     assert PROBE_UNTIL <= during_ended < HEAD_TIMEOUT and still_open == SLOW_CONNECTIONS
-    assert p99(during) < max(PROBE_CEILING, PROBE_FACTOR * p99(before))
+    assert_usual_latency(before, during, "slowloris")
     assert len(closed) == SLOW_CONNECTIONS, "gunicorn kept some dribbling connections open"
     assert HEAD_TIMEOUT - 1 <= closed[0] and closed[-1] < DRIBBLE_FOR
     assert dribbler.answered == 0  # closed without an answer: no request was ever complete
@@ -173,7 +187,7 @@ def stuck_client(port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SMALL_BUFFER)
     sock.connect(("127.0.0.1", port))
     sock.setblocking(False)
-    requests = request_head("GET", "/health", {}) * STUCK_REQUESTS
+    requests = request_head("GET", "/openapi.json", {}) * STUCK_REQUESTS
     try:
         sock.send(requests)  # what the buffers take; the server stops reading once stuck
     except BlockingIOError:
@@ -186,19 +200,42 @@ def test_clients_that_never_read_do_not_hold_the_worker(server):
     before = probe_latencies(collector.url, PROBES)
     stuck = [stuck_client(collector.port) for _ in range(STUCK_CLIENTS)]
     try:
-        # The worker writes answers until each client's receive buffer is full, then its
-        # greenlet for that connection waits to write the next one.
-        wait_until(lambda: all(unread_bytes(sock) >= SMALL_BUFFER for sock in stuck),
-                   STUCK_WAIT, "the stuck clients' receive buffers to fill")
+        # The worker writes answers until each client's receive buffer and its own send
+        # buffer are full; then its greenlet for that connection waits to write the next.
+        ports = {sock.getsockname()[1] for sock in stuck}
+        last: list[dict] = [{}]
+
+        def all_stuck() -> bool:
+            queues, last[0] = last[0], server_send_queues(collector.port, ports)
+            return (len(last[0]) == len(ports) and queues == last[0]
+                    and all(unread_bytes(sock) >= SMALL_BUFFER for sock in stuck))
+
+        wait_until(all_stuck, STUCK_WAIT, "every stuck client's answers to stop moving")
         during = probe_latencies(collector.url, PROBES)
         queued = [unread_bytes(sock) for sock in stuck]
+        held = sum(server_send_queues(collector.port, ports).values())
     finally:
         for sock in stuck:
             sock.close()
-    print(f"\nnever-reading clients: p99 before {p99(before) * 1000:.1f} ms, during "
-          f"{p99(during) * 1000:.1f} ms; {min(queued)}-{max(queued)} bytes unread each")
-    assert p99(during) < max(PROBE_CEILING, PROBE_FACTOR * p99(before))
+    print(f"\nnever-reading clients: {min(queued)}-{max(queued)} bytes unread each, "
+          f"{held} bytes of answers waiting in the server's send buffers")
+    assert held > 0
+    assert_usual_latency(before, during, "never-reading clients")
     assert request(collector.url + "/health").status == 200
+
+
+def server_send_queues(port: int, client_ports: set[int]) -> dict[int, int]:
+    """Return the bytes waiting in the server's send queue, per connection to the clients."""
+    queues = {}
+    with open("/proc/net/tcp") as table:
+        for line in table.readlines()[1:]:
+            fields = line.split()
+            local, remote, tx_rx = fields[1], fields[2], fields[4]
+            if int(local.split(":")[1], 16) == port:
+                client = int(remote.split(":")[1], 16)
+                if client in client_ports:
+                    queues[client] = int(tx_rx.split(":")[0], 16)
+    return queues
 
 
 def unread_bytes(sock: socket.socket) -> int:
