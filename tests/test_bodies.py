@@ -285,3 +285,25 @@ def test_chunked_body_without_a_terminated_stream_is_411(tmp_path):
         "/event", headers={"Content-Type": JSON_TYPE, "Transfer-Encoding": "chunked"})
     assert answer.status_code == 411, answer.text
     assert answer.json["title"] == "Length required"
+
+
+def test_expect_100_continue_past_the_limit(server, nginx):
+    """nginx refuses a declared length past the limit at once; gunicorn asks for the body.
+
+    gunicorn answers 100 Continue before the app sees the request, so the client sends
+    the body and only then gets the 413; nginx answers 413 instead of 100 Continue.
+    """
+    collector, _ = server
+    head = request_head("POST", "/event", {"Content-Type": JSON_TYPE, "Expect": "100-continue",
+                                           "Content-Length": str(EVENT_LIMIT + 1)})
+    with RawConnection(nginx.port) as conn:
+        conn.send(head)
+        refused = conn.read_response()
+    assert refused.status == 413 and refused.json()["limit"] == "max_event_bytes", refused
+    with RawConnection(collector.port) as conn:
+        conn.send(head)
+        interim = conn.read_response()
+        conn.send(b" " * (EVENT_LIMIT + 1))
+        answer = conn.read_final()
+    assert interim.status == 100, interim
+    assert answer.status == 413 and answer.json()["limit"] == "max_event_bytes", answer
