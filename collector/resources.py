@@ -126,7 +126,7 @@ class EventBatchResource:
 
 
 class HealthResource:
-    """GET /health: the process is alive; this worker's counters."""
+    """GET /health: the process is alive; this worker's counters. HEAD: the same, no body."""
 
     def __init__(self, pipeline: Pipeline) -> None:
         self._pipeline = pipeline
@@ -135,9 +135,13 @@ class HealthResource:
         resp.content_type = falcon.MEDIA_JSON
         resp.data = encode(self._pipeline.health())
 
+    # falcon answers HEAD with on_get's status and headers (Content-Length included) and
+    # drops the body; a load balancer's HEAD check sees what GET would.
+    on_head = on_get
+
 
 class ReadyResource:
-    """GET /ready: this worker can take events (flusher running, spool not full)."""
+    """GET /ready: this worker can take events (flusher running, spool not full). HEAD too."""
 
     def __init__(self, pipeline: Pipeline) -> None:
         self._pipeline = pipeline
@@ -147,6 +151,8 @@ class ReadyResource:
         resp.status = falcon.HTTP_200 if ready else falcon.HTTP_503
         resp.content_type = falcon.MEDIA_JSON
         resp.data = encode(body)
+
+    on_head = on_get  # the same status (503 when not ready), without the body
 
 
 class MetricsResource:
