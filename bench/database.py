@@ -7,6 +7,7 @@ commits, as in production. Only the port and the data directory are ours, and wh
 (see lower_priority).
 """
 
+import datetime
 import os
 import pathlib
 import threading
@@ -15,12 +16,32 @@ import time
 import psycopg2
 
 from bench.processes import free_port
+from storage import partitions
 from storage.localdb import LocalPostgres
 from tests.processes import children
 
 DATABASE = "firehose_bench"
 QUERY_TIMEOUT_MS = 60_000  # a count waits behind the lock scenario's LOCK TABLE, never forever
 TABLES = "events, dead_letters"
+# The partitions of events (the growth scenario's sizes and statistics are theirs).
+PARTITIONS = ("SELECT i.inhrelid FROM pg_inherits i "
+              "WHERE i.inhparent = to_regclass('events')")
+SIZES = ("SELECT c.relname, pg_total_relation_size(c.oid), pg_indexes_size(c.oid) "
+         f"FROM pg_class c WHERE c.oid IN ({PARTITIONS})")
+ROLLUP_SIZES = ("SELECT coalesce(sum(pg_total_relation_size(to_regclass(t))), 0) FROM unnest("
+                "array['event_counts', 'event_counts_by_user', 'event_counts_by_key']) AS t")
+# Counters of the whole server (before PostgreSQL 17 the checkpoint counts are in
+# pg_stat_bgwriter; from 17 on in pg_stat_checkpointer).
+CHECKPOINTS_17 = "SELECT num_timed, num_requested FROM pg_stat_checkpointer"
+CHECKPOINTS_OLD = "SELECT checkpoints_timed, checkpoints_req FROM pg_stat_bgwriter"
+WAL_BYTES = "SELECT wal_bytes FROM pg_stat_wal"
+PARTITION_COUNTERS = (
+    "SELECT coalesce(sum(t.autovacuum_count), 0), coalesce(sum(t.autoanalyze_count), 0), "
+    "coalesce(sum(i.idx_blks_hit), 0), coalesce(sum(i.idx_blks_read), 0) "
+    "FROM pg_stat_user_tables t LEFT JOIN ("
+    "  SELECT relid, sum(idx_blks_hit) AS idx_blks_hit, sum(idx_blks_read) AS idx_blks_read"
+    "  FROM pg_statio_user_indexes GROUP BY relid) i ON i.relid = t.relid "
+    f"WHERE t.relid IN ({PARTITIONS})")
 
 
 class BenchDatabase:
@@ -89,6 +110,49 @@ class BenchDatabase:
         """Empty the tables, so that a run does not pay for the rows of the one before."""
         if self._query("SELECT to_regclass('events') IS NOT NULL")[0][0]:
             self._query(f"TRUNCATE {TABLES}")
+
+    def setting(self, name: str) -> str:
+        """Return a server setting as SHOW gives it, e.g. shared_buffers '128MB'."""
+        return self._query(f"SHOW {name}")[0][0]
+
+    def shared_buffers_bytes(self) -> int:
+        """Return shared_buffers in bytes."""
+        return int(self._query("SELECT pg_size_bytes(current_setting('shared_buffers'))")[0][0])
+
+    def ensure_partitions(self, moments: list[datetime.datetime], interval: str) -> list[str]:
+        """Create the partitions of `interval` the service would keep around each moment."""
+        conn = psycopg2.connect(self.url)
+        try:
+            created = []
+            for moment in moments:
+                created += partitions.ensure_partitions(conn, moment, interval)
+            return created
+        finally:
+            conn.close()
+
+    def partition_sizes(self) -> dict[str, tuple[int, int]]:
+        """Return each partition of events: (table with its indexes and TOAST, indexes) bytes."""
+        return {name: (total, indexes) for name, total, indexes in self._query(SIZES)}
+
+    def rollup_bytes(self) -> int:
+        """Return the size of the rollup tables that GET /counts reads, indexes included."""
+        return int(self._query(ROLLUP_SIZES)[0][0])
+
+    def counters(self) -> dict[str, int]:
+        """Return the cumulative counters the growth scenario reads causes from.
+
+        checkpoints_timed, checkpoints_requested, wal_bytes (whole server);
+        autovacuum, autoanalyze, idx_blks_hit, idx_blks_read (the partitions of events).
+        An idx_blks_read is a block PostgreSQL did not find in shared_buffers: it came
+        from the kernel's page cache or the disk, which these counters cannot tell apart.
+        """
+        new = self._query("SELECT to_regclass('pg_catalog.pg_stat_checkpointer') IS NOT NULL")
+        timed, requested = self._query(CHECKPOINTS_17 if new[0][0] else CHECKPOINTS_OLD)[0]
+        vacuums, analyzes, hit, read = self._query(PARTITION_COUNTERS)[0]
+        return {"checkpoints_timed": int(timed), "checkpoints_requested": int(requested),
+                "wal_bytes": int(self._query(WAL_BYTES)[0][0]), "autovacuum": int(vacuums),
+                "autoanalyze": int(analyzes), "idx_blks_hit": int(hit),
+                "idx_blks_read": int(read)}
 
     def lock_events(self, after: float, seconds: float) -> "TableLock":
         """Start holding ACCESS EXCLUSIVE on events for `seconds`, `after` seconds from now."""

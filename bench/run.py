@@ -6,6 +6,7 @@
     .venv/bin/python bench/run.py --scenario lock-100  # one scenario (--list names them)
     .venv/bin/python bench/run.py --locust             # also how fast locust can drive
     .venv/bin/python bench/run.py --profile            # py-spy a worker during direct-100
+    .venv/bin/python bench/run.py --scenario growth    # fill events to 20 M rows, measuring
 
 It installs what is missing (wrk and nginx-light with apt-get, py-spy and the peer's
 packages with pip, each announced), then starts everything it measures on 127.0.0.1 in
@@ -38,7 +39,7 @@ import tempfile
 PROJECT = pathlib.Path(__file__).resolve().parent.parent
 sys.path[0] = str(PROJECT)  # import bench.* and storage.* from the project, not from bench/
 
-from bench import install, report  # noqa: E402
+from bench import growth, install, report  # noqa: E402
 from bench.database import BenchDatabase  # noqa: E402
 from bench.locust_load import (SPAWN_RATE as LOCUST_SPAWN_RATE,  # noqa: E402
                                STOP_TIMEOUT as LOCUST_STOP_TIMEOUT, USERS as LOCUST_USERS)
@@ -94,14 +95,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"longest wait for the backlog after the load "
                              f"(default: the larger of {MIN_DRAIN_TIMEOUT:g} s and "
                              "3 x duration)")
+    parser.add_argument("--rows", type=int, default=growth.DEFAULT_ROWS, metavar="N",
+                        help=f"growth: the rows to fill events to (default "
+                             f"{growth.DEFAULT_ROWS:,})")
+    parser.add_argument("--partition-interval", choices=(*growth.INTERVALS, "both"),
+                        default="both",
+                        help="growth: COLLECTOR_PARTITION_INTERVAL to measure, or both in "
+                             "turn (default both)")
     parser.add_argument("--keep", action="store_true",
                         help="keep the temporary directory (logs, spool) at the end")
     parser.add_argument("--list", action="store_true", help="list the scenarios and exit")
     args = parser.parse_args(argv)
     if args.quick:
         args.duration, args.runs = QUICK_DURATION, 1
-    if args.duration < 1 or args.runs < 1 or args.workers < 1:
-        parser.error("--duration, --runs and --workers must be at least 1")
+    if args.duration < 1 or args.runs < 1 or args.workers < 1 or args.rows < 1:
+        parser.error("--duration, --runs, --workers and --rows must be at least 1")
     if not 0 <= args.pg_nice <= 19:
         parser.error("--pg-nice must be from 0 to 19")
     if any("=" not in item for item in args.pg_set):
@@ -273,6 +281,11 @@ def main(argv: list[str] | None = None) -> int:
     except BenchError as ex:
         print(f"bench: {ex}", file=sys.stderr)
         return 2
+    growing = [scenario for scenario in scenarios if scenario.name == "growth"]
+    if growing and len(scenarios) > 1:
+        print("bench: the growth scenario runs alone (it fills its own database)",
+              file=sys.stderr)
+        return 2
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGHUP, _interrupt)
     root = pathlib.Path(tempfile.mkdtemp(prefix="firehose-bench-"))
@@ -284,9 +297,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with stack:
             try:
-                runner = bench.start()
-                results = bench.measure(runner)
-                bench.print_report(results, runner)
+                if growing:
+                    growth.run(args, PROJECT, root)
+                else:
+                    runner = bench.start()
+                    results = bench.measure(runner)
+                    bench.print_report(results, runner)
             finally:
                 # Stopping (gunicorn drains, PostgreSQL shuts down) must not be cut short
                 # by a second Ctrl-C.

@@ -67,10 +67,18 @@ SOAK_SCENARIOS = (
              f"{RSS_EVERY:g} s", "direct", 100, lock_table=True,
              lock_seconds=SOAK_LOCK_SECONDS, rss_every=RSS_EVERY),
 )
+# Not in the default set: `--scenario growth` (bench/growth.py), which runs alone: it
+# fills events to --rows (20 million by default) and measures as the table grows.
+GROWTH_SCENARIOS = (
+    Scenario("growth", f"events filled to --rows; at each size, batch-{BATCH_EVENTS} "
+             "committed/s, POST /event req/s and p99 at 100 connections, and the reads' "
+             "latencies (bench/growth.py)", "direct", BATCH_CONNECTIONS, path="/events",
+             events_per_request=BATCH_EVENTS),
+)
 LOCUST_SCENARIOS = (
     Scenario("locust-1p", "locustfile.py, no think time, 1 locust process", "direct",
              LOCUST_USERS, locust_processes=1),
     Scenario("locust-2p", "locustfile.py, no think time, --processes 2", "direct",
              LOCUST_USERS, locust_processes=2),
 )
-ALL = SCENARIOS + LOCUST_SCENARIOS + SOAK_SCENARIOS
+ALL = SCENARIOS + LOCUST_SCENARIOS + SOAK_SCENARIOS + GROWTH_SCENARIOS
