@@ -536,9 +536,11 @@ def print_interval(run: GrowthRun, project: pathlib.Path) -> None:
             print(f"    note: {note}")
     print(f"\n{bend(points)}")
     if points:
-        print("partitions at the end (MB, of which indexes): " + ", ".join(
-            f"{name} {_mb(total)} ({_mb(indexes)})"
-            for name, (total, indexes) in sorted(points[-1].partitions.items()) if total))
+        sizes = sorted(points[-1].partitions.items())
+        filled = [f"{name} {_mb(total)} ({_mb(indexes)})"
+                  for name, (total, indexes) in sizes if total >= MB]
+        print(f"partitions at the end, MB (of which indexes): {', '.join(filled)}; and "
+              f"{len(sizes) - len(filled)} under 1 MB")
     load_rate = run.load_rows / run.load_seconds if run.load_seconds else float("nan")
     print(f"load: {run.load_rows:,} rows in {run.load_seconds:,.0f} s ({load_rate:,.0f} rows/s, "
           f"drains included); measurements {run.measure_seconds:,.0f} s")
