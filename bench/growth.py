@@ -563,6 +563,9 @@ def print_interval(run: GrowthRun, project: pathlib.Path) -> None:
 def run(args, project: pathlib.Path, root: pathlib.Path) -> None:
     """Run the growth scenario for each interval asked for and print its report."""
     wrk = install.ensure_wrk()
+    # Bench-only: the curve as a picture; never part of the service's dependencies.
+    install.ensure_python_package(project / ".venv" / "bin", "matplotlib",
+                                  f"matplotlib=={MATPLOTLIB_VERSION}")
     opened = raise_open_files_limit()
     intervals = INTERVALS if args.partition_interval == "both" else (args.partition_interval,)
     runs = []

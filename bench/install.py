@@ -95,6 +95,18 @@ def ensure_py_spy(venv_bin: pathlib.Path) -> str:
     return str(path)
 
 
+def ensure_python_package(venv_bin: pathlib.Path, module: str, requirement: str) -> None:
+    """Install a bench-only package (e.g. matplotlib==3.11.2) into the virtualenv if missing."""
+    probe = subprocess.run([str(venv_bin / "python"), "-c", f"import {module}"],
+                           capture_output=True)
+    if probe.returncode == 0:
+        return
+    print(f"bench: installing {requirement} ({venv_bin / 'pip'} install {requirement})",
+          flush=True)
+    subprocess.run([str(venv_bin / "python"), "-m", "pip", "install", "--quiet", requirement],
+                   check=True, timeout=PIP_TIMEOUT, stdout=sys.stdout, stderr=sys.stderr)
+
+
 def ensure_peer_venv(venv: pathlib.Path, requirements: pathlib.Path) -> pathlib.Path:
     """Return the peer's virtualenv, building it from requirements if it is missing or older.
 
