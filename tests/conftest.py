@@ -4,4 +4,5 @@ pytest_plugins = [
     "tests.fixtures.postgres",
     "tests.fixtures.collector",
     "tests.fixtures.nginx",
+    "tests.fixtures.replication",
 ]
