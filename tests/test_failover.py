@@ -3,6 +3,7 @@ and when the primary dies and its synchronous standby is promoted, the flusher f
 new primary by itself and every event answered 202 is stored there exactly once.
 """
 
+import datetime
 import socket
 import threading
 import time
@@ -10,9 +11,9 @@ import time
 import psycopg2.extensions
 import pytest
 
-from storage import database
+from storage import database, partitions
 from tests.client import post_stream
-from tests.fixtures.postgres import free_port
+from tests.fixtures.postgres import TEST_DATABASE, free_port
 from tests.polling import wait_until
 
 STREAM_EVENTS = 30_000  # a ceiling: the stream is stopped once writes resumed on the new primary
@@ -20,6 +21,7 @@ STREAM_CONNECTIONS = 10
 BEFORE_KILL = 500  # answers, and at least half as many rows, before the primary is killed
 DURING_OUTAGE = 500  # answers while no server takes writes
 AFTER_PROMOTION = 500  # rows written to the promoted standby before the stream stops
+UTC = datetime.timezone.utc
 
 
 def addresses(name: str) -> list[str]:
@@ -74,10 +76,52 @@ def test_a_host_list_of_names_connects_past_a_dead_server(postgres):
         conn.close()
 
 
+def commits_waiting_for_the_standby(db) -> int:
+    """Count the collector's connections whose COMMIT waits for the synchronous standby."""
+    return db.query("SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE "
+                    "'firehose%%' AND wait_event = 'SyncRep'")[0][0]
+
+
+def maintenance_done(db) -> bool:
+    """Tell whether the collector's first partition maintenance has made its partitions and
+    closed its connection (a COMMIT of DDL waiting for a stopped standby keeps its locks)."""
+    wanted = [p.name for p in partitions.wanted(datetime.datetime.now(UTC), "month")]
+    made = db.query("SELECT count(*) FROM unnest(%s::text[]) AS name "
+                    "WHERE to_regclass(name) IS NOT NULL", (wanted,))[0][0]
+    running = db.query("SELECT count(*) FROM pg_stat_activity "
+                       "WHERE application_name = 'firehose-maintenance'")[0][0]
+    return made == len(wanted) and running == 0
+
+
+def test_with_its_synchronous_standby_down_the_primary_stores_nothing_until_it_is_back(
+        start_collector_on, sync_replica):
+    # (Runs before the failover test, which leaves this module's pair promoted.)
+    pair = sync_replica
+    collector = start_collector_on(pair.primary_db.url, workers=1)
+    before = post_stream(collector.url, 100, 5)
+    wait_until(lambda: pair.primary_db.count() == 100, 10, "100 rows")
+    wait_until(lambda: maintenance_done(pair.primary_db), 30, "the partition maintenance")
+    pair.standby.stop("immediate")
+    during = post_stream(collector.url, 300, 5, deadline_s=30)
+    assert during.statuses == {202: 300}, during.statuses
+    # The collector's COMMIT waits for the standby: committed locally, visible to no one,
+    # and the events still in the spool (a batch is let go only once COMMIT returns).
+    wait_until(lambda: commits_waiting_for_the_standby(pair.primary_db) >= 1, 20,
+               "a commit waiting for the synchronous standby")
+    assert pair.primary_db.count() == 100
+    pair.standby.start(TEST_DATABASE)
+    wait_until(lambda: pair.primary_db.count() == 400, 60, "the 300 rows once it is back")
+    stored = pair.primary_db.event_ids()
+    assert len(stored) == len(set(stored)) and set(stored) == set(before.accepted
+                                                                   + during.accepted)
+    wait_until(lambda: pair.replication_state() == ("streaming", "sync"), 30,
+               "the standby to stream synchronously again")
+
+
 @pytest.mark.slow
 def test_failover_to_a_promoted_synchronous_standby_loses_nothing(start_collector_on,
-                                                                   synchronous_pair):
-    pair = synchronous_pair
+                                                                   sync_replica):
+    pair = sync_replica
     assert pair.replication_state() == ("streaming", "sync")
     collector = start_collector_on(pair.multi_host_url())
     answered = [0]
