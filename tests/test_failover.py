@@ -1,6 +1,7 @@
 """Failover with a multi-host DATABASE_URL: every host of the list is resolved cooperatively,
 and when the primary dies and its synchronous standby is promoted, the flusher finds the
-new primary by itself and every event answered 202 is stored there exactly once.
+new primary by itself and every event answered 202 is stored there exactly once. While
+the synchronous standby is down, nothing is stored (nor lost) until it is back.
 """
 
 import datetime

@@ -7,12 +7,12 @@ import datetime
 import json
 import urllib.parse
 
+from storage.readpool import APPLICATION_NAME as READER
 from tests.client import get_json, make_event, post_stream, request
 from tests.fixtures.postgres import TEST_DATABASE
 from tests.polling import wait_until
 
 BASE = datetime.datetime(2024, 5, 1, tzinfo=datetime.timezone.utc)
-READER = "firehose-reader"  # storage/readpool.py's application_name
 
 
 def start_reading_from_standby(start_collector_on, pair):
