@@ -69,13 +69,15 @@ def create_app(settings: Settings, pipeline: Pipeline | None = None) -> Collecto
 
 
 def _read_pool(settings: Settings) -> ReadPool:
-    """Build the worker's read connections; each round trip is bounded client-side too."""
+    """Build the worker's read connections (to COLLECTOR_READ_DATABASE_URL, by default
+    DATABASE_URL); each round trip is bounded client-side too."""
     seconds = max(settings.read_timeout, settings.connect_timeout) + READ_MARGIN
     def bound() -> gevent.Timeout:
         # A fresh exception each time: greenlets reading at once must not share one.
         return gevent.Timeout(seconds, OperationTimedOut(f"no answer in {seconds:g} s"))
 
-    return ReadPool(settings.database_url, settings.read_pool_size, settings.read_timeout,
+    return ReadPool(settings.read_database_url or settings.database_url,
+                    settings.read_pool_size, settings.read_timeout,
                     wait_timeout=settings.read_timeout, bound=bound)
 
 

@@ -158,7 +158,9 @@ def _errors(settings: Settings) -> dict:
                                   "`field` names it."),
         "ReadUnavailable": error(
             "The read could not be served now: `limit` is read_pool_size (every read "
-            "connection busy; Retry-After given) or read_timeout (the query was too slow).",
+            "connection busy; Retry-After given) or read_timeout (the query was too slow); "
+            "without `limit`, the read database (COLLECTOR_READ_DATABASE_URL, by default "
+            "DATABASE_URL) cannot answer (Retry-After given).",
             {"Retry-After": {"schema": {"type": "integer"}}}),
         "BufferFull": error(
             "The collector's buffer is full: nothing of the request was accepted. Retry "

@@ -258,5 +258,6 @@ def _read(query):
             raise CollectorError(falcon.HTTP_400, "Invalid parameter",
                                  f"PostgreSQL refused a value of the query: {ex}") from None
         raise CollectorError(falcon.HTTP_503, "Database unavailable",
-                             "the events cannot be read now; retry later",
+                             "the read database (COLLECTOR_READ_DATABASE_URL, by default "
+                             "DATABASE_URL) cannot answer now; retry later",
                              headers={"Retry-After": str(UNAVAILABLE_RETRY_AFTER)}) from None

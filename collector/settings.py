@@ -42,6 +42,10 @@ SETTINGS = (
     Setting("database_url", "DATABASE_URL", "str", None,
             "libpq URI of the PostgreSQL that stores the events (required by gunicorn; "
             "`make run` starts a project-local one when unset)"),
+    Setting("read_database_url", "COLLECTOR_READ_DATABASE_URL", "str", "",
+            "libpq URI that GET /events and /counts read from, e.g. a streaming standby "
+            "(it may lag behind: a stored event can be missing for a moment); empty: "
+            "DATABASE_URL"),
     Setting("batch_size", "COLLECTOR_BATCH_SIZE", "int", 1000,
             "most events the flusher writes in one INSERT", minimum=1),
     Setting("flush_interval", "COLLECTOR_FLUSH_INTERVAL", "float", 0.2,
@@ -122,6 +126,7 @@ SETTINGS = (
 )
 
 SECRET_FIELDS = ("api_keys", "read_keys")  # shown as *** in repr and logs
+URL_FIELDS = ("database_url", "read_database_url")  # shown with the password as ***
 
 
 def _default(setting: Setting) -> Any:
@@ -186,6 +191,7 @@ class Settings:
     """Every setting of the collector, checked; build with `from_environ` or by hand in tests."""
 
     database_url: str | None = _DEFAULTS["database_url"]
+    read_database_url: str = _DEFAULTS["read_database_url"]
     batch_size: int = _DEFAULTS["batch_size"]
     flush_interval: float = _DEFAULTS["flush_interval"]
     insert_method: str = _DEFAULTS["insert_method"]
@@ -236,7 +242,7 @@ class Settings:
         shown = []
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            if field.name == "database_url":
+            if field.name in URL_FIELDS:
                 value = _redact(value)
             elif field.name in SECRET_FIELDS:
                 value = tuple("***" for _ in value)

@@ -109,23 +109,58 @@ def connect(dsn: str, statement_timeout: float, lock_timeout: float,
 
 
 def _resolve_host(params: dict) -> None:
-    """Resolve the host name ourselves, so that under gevent the lookup is cooperative.
+    """Resolve the host names ourselves, so that under gevent the lookups are cooperative.
 
     libpq resolves names with a blocking getaddrinfo() that would freeze the whole
     worker; socket.getaddrinfo is gevent's cooperative resolver once
-    monkey-patched. An IP address, a socket directory or a hostaddr is left alone.
+    monkey-patched. `host` may be a list (`host=a,b` for failover): libpq then takes a
+    `hostaddr` list of as many items, an empty item meaning "use the host as it is",
+    which is what an IP address or a socket directory gets. A name with several
+    addresses becomes as many entries, tried in order, as libpq tries them; a name that
+    does not resolve is left out of a list, as libpq would skip it. A given hostaddr is
+    left alone.
     """
     host = params.get("host")
-    if not host or "hostaddr" in params or host.startswith("/") or "," in host:
+    if not host or "hostaddr" in params:
         return
+    hosts = host.split(",")
+    ports = (params.get("port") or "").split(",")
+    per_host_ports = len(ports) > 1
+    if per_host_ports and len(ports) != len(hosts):
+        return  # libpq reports the mismatch itself
+    entries = []  # (host, hostaddr, port) in the order libpq will try them
+    unresolved = None
+    for index, name in enumerate(hosts):
+        port = ports[index] if per_host_ports else ports[0]
+        if _taken_as_is(name):
+            entries.append((name, "", port))
+            continue
+        try:
+            infos = socket.getaddrinfo(name, None, type=socket.SOCK_STREAM)
+        except socket.gaierror as ex:
+            unresolved = ex
+            continue
+        for address in dict.fromkeys(info[4][0] for info in infos):
+            entries.append((name, address, port))
+    if not entries:
+        raise unresolved
+    if all(not address for _, address, _ in entries):
+        return
+    params["host"] = ",".join(name for name, _, _ in entries)
+    params["hostaddr"] = ",".join(address for _, address, _ in entries)
+    if per_host_ports:
+        params["port"] = ",".join(port for _, _, port in entries)
+
+
+def _taken_as_is(host: str) -> bool:
+    """Tell whether libpq uses a host as it is: an IP address, a socket directory, empty."""
+    if not host or host.startswith(("/", "@")):  # "@": an abstract socket namespace
+        return True
     try:
         ipaddress.ip_address(host)
-        return
     except ValueError:
-        pass
-    port = int(params.get("port") or 5432)
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    params["hostaddr"] = infos[0][4][0]
+        return False
+    return True
 
 
 def ensure_schema(conn: psycopg2.extensions.connection) -> None:

@@ -238,7 +238,12 @@ class LocalPostgres:
                 cur.execute(f'CREATE DATABASE "{database}"')  # a name of ours, not input
         conn.close()
 
-    def _initdb(self) -> None:
+    def run_bin(self, name: str, *args: str) -> subprocess.CompletedProcess:
+        """Run one of the server's binaries (pg_basebackup, pg_ctl...) as the server's user."""
+        return self._run([str(self.bin_dir / name), *args])
+
+    def make_data_dir(self) -> None:
+        """Create the empty data directory and log file, owned by the user the server runs as."""
         self.data_dir.parent.mkdir(parents=True, exist_ok=True)
         if self.as_root:
             self.data_dir.mkdir(mode=0o700, exist_ok=True)
@@ -246,6 +251,9 @@ class LocalPostgres:
             os.chown(self.data_dir, user.pw_uid, user.pw_gid)
             self.log_file.touch()
             os.chown(self.log_file, user.pw_uid, user.pw_gid)
+
+    def _initdb(self) -> None:
+        self.make_data_dir()
         self._run([str(self.bin_dir / "initdb"), "-D", str(self.data_dir), "-U", SUPERUSER,
                    "--auth=trust", "-E", "UTF8", "--no-locale", "--no-sync"])
 

@@ -45,6 +45,16 @@ def test_settings_parse_and_hide_the_password():
     assert "s3cret" not in repr(settings) and "u:***@db" in repr(settings)
 
 
+def test_the_read_database_defaults_to_empty_and_hides_its_password():
+    assert Settings.from_environ({"DATABASE_URL": "postgresql://db/x"}).read_database_url == ""
+    settings = Settings.from_environ({
+        "DATABASE_URL": "postgresql://u:s3cret@db/x",
+        "COLLECTOR_READ_DATABASE_URL": "postgresql://r:s3cret2@standby1:5432,standby2:5432/x"})
+    assert settings.read_database_url.endswith("@standby1:5432,standby2:5432/x")
+    assert "s3cret" not in repr(settings)
+    assert "read_database_url='postgresql://r:***@standby1:5432,standby2:5432/x'" in repr(settings)
+
+
 def test_list_settings_parse_and_keys_stay_hidden():
     settings = Settings.from_environ({"DATABASE_URL": "postgresql://db/x",
                                       "COLLECTOR_CORS_ORIGINS": " https://a.example, *,",
