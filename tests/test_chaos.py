@@ -19,6 +19,7 @@ def test_a_chaos_run_loses_and_duplicates_nothing():
     print("\n" + "\n".join(ledger.lines()))
     assert ledger.lost == 0, f"lost event_ids (first 20): {ledger.lost_ids}"
     assert ledger.duplicates == 0
+    assert not ledger.fault_errors, ledger.fault_errors
     assert ledger.accepted > 1000, "too little load to judge"
     # Every kind of fault came at least once (disk_full only as root: it needs a tmpfs).
     assert len(ledger.faults) >= 7, ledger.faults
