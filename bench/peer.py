@@ -9,12 +9,14 @@ polls and sums them the same way (bench/firehose.py) to wait for its drain.
 
 import os
 import pathlib
+import random
 import re
 import subprocess
+import time
 
 import psycopg2
 
-from bench.firehose import Firehose
+from bench.firehose import HEALTH_DEADLINE, Firehose
 from bench.processes import BenchError, Child, free_port, tail, wait_until
 from tests.processes import children
 
@@ -29,6 +31,9 @@ PACKAGES = ("fastapi", "uvicorn", "uvloop", "httptools", "pydantic", "asyncpg")
 WORKER_COMMAND = "spawn_main"
 # Lines of uvicorn's log that mean something went wrong: the peer's own errors (a batch
 # dropped or retried, events lost at exit), a traceback, a worker replaced.
+# uvicorn's workers share one listening socket: back-to-back connections are all accepted
+# by whichever worker is awake, so /health is asked at random moments until each answers.
+PROBE_PAUSE = 0.02  # at most, seconds between two /health connections
 PROBLEM = re.compile(r"Traceback|^(ERROR|CRITICAL|WARNING):|died|Started server process",
                      re.MULTILINE)
 
@@ -71,6 +76,20 @@ class Peer(Firehose):
                    f"{self.workers} uvicorn workers on port {self.port}")
         self._log_mark = self._log_size()
         return self
+
+    def health_by_worker(self) -> dict[int, dict]:
+        """Return /health of every live worker, by pid."""
+        wanted = set(self.worker_pids())
+        seen: dict[int, dict] = {}
+        deadline = time.monotonic() + HEALTH_DEADLINE
+        while time.monotonic() < deadline:
+            health = self._health_once()
+            seen[health["worker_pid"]] = health
+            if wanted <= seen.keys():
+                return {pid: seen[pid] for pid in sorted(wanted)}
+            time.sleep(random.uniform(0, PROBE_PAUSE))
+        raise BenchError(f"/health never came from workers {sorted(wanted - seen.keys())} "
+                         f"in {HEALTH_DEADLINE:g} s")
 
     def worker_pids(self) -> list[int]:
         """Return the pids of the master's live worker processes."""
