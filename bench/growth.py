@@ -18,7 +18,7 @@ PostgreSQL and a Firehose of its own, then:
 3. at each size of the schedule (FIRST_POINT rows or --rows/8 if smaller, then every
    --rows/8), stops loading and measures: batch-500 committed events/s (wrk for
    MEASURE_SECONDS, then the drain, as bench/measure.py counts it), POST /event req/s
-   and p99 at 100 connections, the median latency of each read of the README's set,
+   and p99 at 100 connections, the median latency of each read of docs/performance.md's set,
    the sizes of the partitions and of their indexes, and the deltas of checkpoints, WAL,
    autovacuum runs and index buffer hits;
 4. prints a table per interval, then the likely causes at each size and where the
@@ -348,7 +348,7 @@ class GrowthRun:
         return notes
 
     def reads(self, now: datetime.datetime, notes: list[str]) -> dict[str, float]:
-        """Time each read of the README's set READ_REPEATS times; return the medians in ms."""
+        """Time each read of docs/performance.md's set READ_REPEATS times; return medians, ms."""
         middle = self.simulated(self.loaded // 2)
         first = self._get("/events?" + urllib.parse.urlencode({"limit": 100,
                                                                 "to": _iso(middle)}))[1]

@@ -1,6 +1,6 @@
 """gunicorn's gevent worker, adjusted for many fast keep-alive connections.
 
-Four changes, each measured with `make bench` (README, "Performance"):
+Four changes, each measured with `make bench` (docs/performance.md):
 
 - Connections take turns. A greenlet yields only when a socket would block. A fast
   client (loopback, nginx's keep-alive pool) often has its next request in the socket

@@ -1,7 +1,7 @@
 """A chaos run: continuous load while a seeded schedule injects faults, then the ledger.
 
     make chaos                                          # 90 s, seed 1
-    make chaos CHAOS_ARGS='--duration 1800 --seed 7'    # the README's 30-minute run
+    make chaos CHAOS_ARGS='--duration 1800 --seed 7'    # 30 minutes (docs/operations.md, "Faults survived")
 
 Everything runs on 127.0.0.1, started here: a PostgreSQL of its own (default durability:
 a fault must not lose what PostgreSQL said it committed), PgBouncer in transaction mode

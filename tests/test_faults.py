@@ -2,7 +2,7 @@
 
 Each test sends a known set of events, injects the fault, then checks that rows in
 events plus dead_letters equal the events answered 202, with no event_id twice.
-The figures of each run are printed as one line of the README's "Faults survived" table.
+The figures of each run are printed as one line of the "Faults survived" table of docs/operations.md.
 """
 
 import json

@@ -22,7 +22,7 @@ ALERTS = PROJECT_DIR / "conf" / "prometheus" / "alerts.yml"
 ALERTS_TEST = PROJECT_DIR / "conf" / "prometheus" / "alerts_test.yml"
 PROMETHEUS_CONFIG = PROJECT_DIR / "conf" / "prometheus" / "prometheus.yml"
 DASHBOARD = PROJECT_DIR / "conf" / "grafana" / "firehose-dashboard.json"
-README = PROJECT_DIR / "README.md"
+RUNBOOK = PROJECT_DIR / "docs" / "operations.md"
 PROMTOOL = "promtool"
 EVENTS = 300
 OUTAGE_EVENTS = 20
@@ -77,16 +77,17 @@ def test_every_alert_fires_in_promtools_unit_tests():
 
 
 def test_every_alert_has_a_summary_and_a_runbook_section_that_exists():
-    anchors = {github_anchor(line.lstrip("#")) for line in README.read_text().splitlines()
+    runbook_text = RUNBOOK.read_text()
+    anchors = {github_anchor(line.lstrip("#")) for line in runbook_text.splitlines()
                if line.startswith("#")}
     rules = re.split(r"^\s+- alert: ", ALERTS.read_text(), flags=re.MULTILINE)[1:]
     assert len(rules) == 9
     for rule in rules:
         name = rule.split()[0]
         assert re.search(r"^\s+summary: ", rule, re.MULTILINE), name
-        runbook = re.search(r'^\s+runbook_url: "README\.md#([\w-]+)"', rule, re.MULTILINE)
+        runbook = re.search(r'^\s+runbook_url: "docs/operations\.md#([\w-]+)"', rule, re.MULTILINE)
         assert runbook and runbook.group(1) in anchors, name
-        assert re.search(rf"`{name}`", README.read_text()), f"{name} not described in README"
+        assert re.search(rf"`{name}`", runbook_text), f"{name} not described in docs/operations.md"
 
 
 def test_new_gauges_and_counters():

@@ -3,7 +3,7 @@ from the rollups alone: checked on PostgreSQL's plans (EXPLAIN), not on timings.
 
 The rows are made in one INSERT ... SELECT generate_series (the rollup trigger counts
 them like any INSERT), then ANALYZEd. The median latency of each query through HTTP
-is printed for the README; it is not asserted.
+is printed for docs/performance.md ("Reads"); it is not asserted.
 """
 
 import datetime
