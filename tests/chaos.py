@@ -312,12 +312,12 @@ class Chaos:
     def _disk_full(self, hold: float) -> None:
         ballast = self.spool_dir / "ballast"
         try:
-            with open(ballast, "wb") as out:
+            # Unbuffered: a buffered file would raise ENOSPC again when it is closed.
+            with open(ballast, "wb", buffering=0) as out:
                 chunk = b"\0" * (1024 * 1024)
                 while True:
                     try:
                         out.write(chunk)
-                        out.flush()
                     except OSError:
                         break
             self.stop.wait(hold)
