@@ -20,7 +20,8 @@ HEALTH_TIMEOUT = 5.0  # seconds for one /health request
 HEALTH_TRIES = 400  # new connections tried to reach every worker at least once
 HEALTH_DEADLINE = 30.0  # seconds all those tries may take together
 # Lines of gunicorn's log that mean something went wrong in the service.
-PROBLEM = re.compile(r"Traceback|\[ERROR\]|\[CRITICAL\]|WORKER TIMEOUT|"
+# The log is JSON lines ("level": "ERROR") unless a terminal asked for plain ones.
+PROBLEM = re.compile(r'Traceback|"level": "(ERROR|CRITICAL)"|\[ERROR\]|\[CRITICAL\]|WORKER TIMEOUT|'
                      r"Worker \(pid:\d+\) (was sent|exited)|Booting worker|out of memory",
                      re.IGNORECASE)
 PASSED_THROUGH = re.compile(r"COLLECTOR_.*")  # settings a user may set for a bench run
@@ -29,6 +30,9 @@ NOT_PASSED = ("DATABASE_URL", "GUNICORN_CMD_ARGS", "WEB_CONCURRENCY", "PORT", "H
 
 class Firehose:
     """One gunicorn master and its workers, with the spool and log of their own."""
+
+    problem = PROBLEM  # what a line of the log that shows a failure looks like
+    log_name = "gunicorn log"
 
     def __init__(self, project: pathlib.Path, root: pathlib.Path, logs: pathlib.Path,
                  database_url: str, workers: int) -> None:
@@ -137,9 +141,9 @@ class Firehose:
             data = log.read()
         self._log_mark += len(data)
         text = data.decode(errors="replace")
-        return [line for line in text.splitlines() if PROBLEM.search(line)]
+        return [line for line in text.splitlines() if self.problem.search(line)]
 
     def describe_log(self, lines: int = 40) -> str:
         """Return the log's path and its last lines, for a failure report."""
-        return f"--- gunicorn log {self.log_path} (last {lines} lines) ---\n" \
+        return f"--- {self.log_name} {self.log_path} (last {lines} lines) ---\n" \
                f"{tail(self.log_path, lines)}"

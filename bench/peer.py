@@ -17,7 +17,7 @@ import time
 import psycopg2
 
 from bench.firehose import HEALTH_DEADLINE, Firehose
-from bench.processes import BenchError, Child, free_port, tail, wait_until
+from bench.processes import BenchError, Child, free_port, wait_until
 from tests.processes import children
 
 START_TIMEOUT = 60.0
@@ -40,6 +40,9 @@ PROBLEM = re.compile(r"Traceback|^(ERROR|CRITICAL|WARNING):|died|Started server 
 
 class Peer(Firehose):
     """The uvicorn master and its workers; their /health is read as Firehose's is."""
+
+    problem = PROBLEM
+    log_name = "peer log"
 
     def __init__(self, project: pathlib.Path, logs: pathlib.Path, venv: pathlib.Path,
                  database_url: str, workers: int) -> None:
@@ -104,20 +107,6 @@ class Peer(Firehose):
             if WORKER_COMMAND.encode() in command:
                 pids.append(pid)
         return pids
-
-    def new_problems(self) -> list[str]:
-        """Return the log lines since the last call that show a failure (errors, restarts)."""
-        with open(self.log_path, "rb") as log:
-            log.seek(self._log_mark)
-            data = log.read()
-        self._log_mark += len(data)
-        text = data.decode(errors="replace")
-        return [line for line in text.splitlines() if PROBLEM.search(line)]
-
-    def describe_log(self, lines: int = 40) -> str:
-        """Return the log's path and its last lines, for a failure report."""
-        return f"--- peer log {self.log_path} (last {lines} lines) ---\n" \
-               f"{tail(self.log_path, lines)}"
 
     def versions(self) -> str:
         """Return the versions of the peer's packages, e.g. 'fastapi 0.163.2, uvicorn 0.54.0'."""
