@@ -11,7 +11,6 @@ import os
 import pathlib
 import re
 import signal
-import subprocess
 import threading
 
 import msgspec
@@ -20,7 +19,7 @@ import pytest
 from collector.spool import SEGMENT_SUFFIX, read_records
 from collector.validation import Event
 from tests.client import Answer, StreamResult, make_event, post_json, post_stream
-from tests.fixtures.collector import Collector
+from tests.fixtures.collector import Collector, stop_all
 from tests.fixtures.nginx import set_rates
 from tests.fixtures.postgres import free_port
 from tests.polling import wait_until
@@ -54,12 +53,7 @@ def start_instance(database, spool_root):
         return collector.start()
 
     yield start
-    for collector in started:
-        if collector.process is not None and collector.process.poll() is None:
-            try:
-                collector.terminate()
-            except subprocess.TimeoutExpired:
-                collector.kill_all()
+    stop_all(started)
 
 
 def spooled_ids(spool_dir: pathlib.Path) -> set[str]:
