@@ -199,7 +199,7 @@ def _check_database(report: Report, settings: Settings) -> None:
         missing = probe.missing_tables(conn)
         if missing:
             try:
-                database.ensure_schema(conn)
+                database.ensure_schema(conn, settings.metadata_index == "on")
             except psycopg2.Error as ex:
                 report.fail("schema", f"missing ({', '.join(missing)}) and not creatable: "
                                       f"{_first_line(ex)}")
@@ -557,7 +557,8 @@ def run_partitions(args: argparse.Namespace) -> int:
         maintenance = Maintenance(
             functools.partial(connect, settings, autocommit=False,
                               statement_timeout=MAINTENANCE_STATEMENT_TIMEOUT),
-            settings.rollup_keys, settings.partition_interval, settings.retention_days)
+            settings.rollup_keys, settings.partition_interval, settings.retention_days,
+            metadata_index=settings.metadata_index == "on")
         try:
             done = maintenance.run_once(datetime.datetime.now(datetime.timezone.utc))
         except psycopg2.Error as ex:
@@ -621,7 +622,8 @@ def opened(settings: Settings) -> Iterator[psycopg2.extensions.connection]:
 
 def _writer(settings: Settings) -> BatchWriter:
     return BatchWriter(functools.partial(connect, settings),
-                       insert_method=settings.insert_method)
+                       insert_method=settings.insert_method,
+                       metadata_index=settings.metadata_index == "on")
 
 
 def _settings(require_database: bool = True) -> Settings:

@@ -54,12 +54,14 @@ class Pipeline:
         connect = functools.partial(database.connect, settings.database_url,
                                     settings.statement_timeout, settings.lock_timeout)
         self.writer = BatchWriter(connect, bound=self.watchdog.operation,
-                                  insert_method=settings.insert_method)
+                                  insert_method=settings.insert_method,
+                                  metadata_index=settings.metadata_index == "on")
         self.maintenance = Maintenance(
             functools.partial(database.connect, settings.database_url,
                               MAINTENANCE_STATEMENT_TIMEOUT, settings.lock_timeout,
                               application_name="firehose-maintenance", autocommit=False),
-            settings.rollup_keys, settings.partition_interval, settings.retention_days)
+            settings.rollup_keys, settings.partition_interval, settings.retention_days,
+            metadata_index=settings.metadata_index == "on")
         self.flusher = Flusher(self.queue, self.writer, Backoff(settings.retry_max_delay),
                                self.watchdog, self.stats, settings.spool_dir,
                                str(self.spool.directory), settings.batch_size,

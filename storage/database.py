@@ -163,13 +163,38 @@ def _taken_as_is(host: str) -> bool:
     return True
 
 
-def ensure_schema(conn: psycopg2.extensions.connection) -> None:
+# GET /events?metadata={...}: jsonb containment (@>); jsonb_path_ops is smaller and faster
+# than the default opclass and serves @> alone, which is all we ask of it. It is the
+# INSERT's costliest index (docs/performance.md), so a deployment that never filters by
+# metadata can go without it (COLLECTOR_METADATA_INDEX=off). Both changes lock events
+# while they run: building the index on a big table holds up the inserts (the spool
+# takes the events meanwhile) for as long as the build takes.
+CREATE_METADATA_INDEX = """
+DO $$
+BEGIN
+    IF to_regclass('events_metadata_idx') IS NULL THEN
+        CREATE INDEX events_metadata_idx ON events USING gin (metadata jsonb_path_ops);
+    END IF;
+END $$;"""
+DROP_METADATA_INDEX = """
+DO $$
+BEGIN
+    IF to_regclass('events_metadata_idx') IS NOT NULL THEN
+        DROP INDEX events_metadata_idx;
+    END IF;
+END $$;"""
+
+
+def ensure_schema(conn: psycopg2.extensions.connection, metadata_index: bool = True) -> None:
     """Create the tables and indexes if missing; safe to run from many workers at once.
 
+    With `metadata_index` false the metadata index is dropped if present, instead.
     One query string is one transaction, so the advisory lock is held until the end.
     """
-    schema = SCHEMA_PATH.read_text().replace("%", "%%")
+    schema = SCHEMA_PATH.read_text() + (CREATE_METADATA_INDEX if metadata_index
+                                        else DROP_METADATA_INDEX)
     with conn.cursor() as cur:
-        cur.execute("SELECT pg_advisory_xact_lock(%s);\n" + schema, (SCHEMA_LOCK_KEY,))
+        cur.execute("SELECT pg_advisory_xact_lock(%s);\n" + schema.replace("%", "%%"),
+                    (SCHEMA_LOCK_KEY,))
     if not conn.autocommit:
         conn.commit()

@@ -36,6 +36,7 @@ import psycopg2.extras
 
 from storage.database import ensure_schema
 from storage.errors import WriteFailure, classify_error
+from storage.rollups import counted_insert
 
 logger = logging.getLogger(__name__)
 _ENCODER = msgspec.json.Encoder()
@@ -44,11 +45,14 @@ INSERT_COLUMNS = 'INSERT INTO events (event_id, user_id, "timestamp", metadata, 
 UNPACKED = "e.i, e.u, e.t, e.m, to_timestamp(e.r)"
 RECORD = "e(i uuid, u bigint, t timestamptz, m jsonb, r float8)"
 ON_CONFLICT = ' ON CONFLICT ("timestamp", event_id, user_id) DO NOTHING'
-INSERT_JSON_RECORDSET = (f"{INSERT_COLUMNS}SELECT {UNPACKED} "
-                         f"FROM jsonb_to_recordset(%s::jsonb) AS {RECORD}{ON_CONFLICT}")
-INSERT_EXECUTE_VALUES = (f"{INSERT_COLUMNS}SELECT {UNPACKED} "
-                         f"FROM (VALUES %s) AS v(j), jsonb_to_record(v.j::jsonb) AS {RECORD}"
-                         f"{ON_CONFLICT}")
+# Each INSERT counts what it stores into the rollups in the same statement
+# (storage/rollups.py), and answers the number of events stored.
+INSERT_JSON_RECORDSET = counted_insert(f"{INSERT_COLUMNS}SELECT {UNPACKED} "
+                                       f"FROM jsonb_to_recordset(%s::jsonb) AS {RECORD}"
+                                       f"{ON_CONFLICT}")
+INSERT_EXECUTE_VALUES = counted_insert(f"{INSERT_COLUMNS}SELECT {UNPACKED} "
+                                       f"FROM (VALUES %s) AS v(j), "
+                                       f"jsonb_to_record(v.j::jsonb) AS {RECORD}{ON_CONFLICT}")
 INSERT_METHODS = ("execute_values", "json_recordset")
 # An event refused again (a client's retry, a spool replay, `firehose dead-letters retry`)
 # keeps its first payload and gets the latest reason and time.
@@ -94,13 +98,14 @@ class BatchWriter:
 
     def __init__(self, connect: Callable[[], psycopg2.extensions.connection],
                  bound: Callable[[], ContextManager] = contextlib.nullcontext,
-                 insert_method: str = "json_recordset") -> None:
+                 insert_method: str = "json_recordset", metadata_index: bool = True) -> None:
         if insert_method not in INSERT_METHODS:
             raise ValueError(f"insert method {insert_method!r}: expected one of "
                              f"{', '.join(INSERT_METHODS)}")
         self._insert_batch = (_insert_values if insert_method == "execute_values"
                               else _insert_recordset)
         self._connect = connect
+        self._metadata_index = metadata_index  # COLLECTOR_METADATA_INDEX
         self._bound = bound  # a deadline around each round trip to PostgreSQL
         self._conn: psycopg2.extensions.connection | None = None
         self._schema_ready = False
@@ -147,7 +152,7 @@ class BatchWriter:
         if not self._schema_ready:
             try:
                 with self._bound():
-                    ensure_schema(self._conn)
+                    ensure_schema(self._conn, self._metadata_index)
             except Exception as ex:
                 raise WriteDeferred(self._recover(ex), ex) from ex
             self._schema_ready = True
@@ -160,7 +165,7 @@ class BatchWriter:
         ordered = sorted(rows, key=_event_id)
         with self._bound(), conn.cursor() as cur:
             self._insert_batch(cur, ordered)
-            inserted = cur.rowcount
+            inserted = sum(row[0] for row in cur.fetchall())
         return inserted
 
     def _recover(self, ex: BaseException) -> WriteFailure:

@@ -46,6 +46,19 @@ def stored_events(collector, database, count: int) -> list[dict]:
     return events
 
 
+METADATA_INDEX = "SELECT to_regclass('events_metadata_idx') IS NOT NULL"
+
+
+def test_without_the_metadata_index_metadata_filters_still_answer(start_collector, database):
+    start_collector().terminate()  # on, the default
+    assert database.query(METADATA_INDEX)[0][0] is True
+    collector = start_collector({"COLLECTOR_METADATA_INDEX": "off"})
+    events = stored_events(collector, database, 20)
+    assert database.query(METADATA_INDEX)[0][0] is False  # dropped
+    assert ids(collector, metadata='{"page": "/p/3"}') == newest_first(
+        [e for e in events if e["metadata"]["page"] == "/p/3"])
+
+
 def test_filters_and_newest_first(collector, database):
     events = stored_events(collector, database, 60)
     assert ids(collector) == newest_first(events)
