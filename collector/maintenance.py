@@ -119,11 +119,11 @@ class Maintenance:
                 self._failing = not done
                 next_run = time.monotonic() + (MAINTENANCE_INTERVAL if done else RETRY_INTERVAL)
             elif not self._failing:
-                merged = self._bounded(self.merge_once)
-                if not merged and not self._merge_failing:
+                done = self._bounded(self.merge_once)
+                if not done and not self._merge_failing:
                     logger.warning("merging the per-user counts failed, retrying every "
                                    "%g s: %s", MERGE_INTERVAL, self._error)
-                self._merge_failing = not merged
+                self._merge_failing = not done
             gevent.sleep(max(0.0, min(MERGE_INTERVAL, next_run - time.monotonic())))
 
     def _bounded(self, step: Callable[[datetime.datetime], object]) -> bool:
