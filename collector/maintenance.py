@@ -1,18 +1,14 @@
-"""The maintenance greenlet: registers rollup keys, makes partitions ahead, drops expired
-ones, and merges the per-user count rows of closed minutes.
+"""The maintenance greenlet: registers rollup keys, makes partitions ahead, drops expired ones.
 
 One per worker. Every worker runs it and the schema's advisory lock makes them take
 turns (storage/partitions.py), so Firehose needs no cron job and no leader. It runs
 at start, then every MAINTENANCE_INTERVAL seconds, or RETRY_INTERVAL after a failed
-run (PostgreSQL unavailable). In between, every MERGE_INTERVAL seconds, one worker
-(an advisory lock decides which) merges the per-user rows of the minutes closed since
-(storage/rollups.py). Each run opens a connection of its own and closes it: never the
-flusher's, and none left idle in between.
+run (PostgreSQL unavailable). Each run opens a connection of its own and closes it:
+never the flusher's, and none left idle in between.
 """
 
 import datetime
 import logging
-import time
 from typing import Callable, Sequence
 
 import gevent
@@ -22,17 +18,13 @@ import psycopg2.extensions
 from storage import partitions
 from storage.database import ensure_schema
 from storage.errors import OperationTimedOut
-from storage.rollups import merge_user_minutes, register_keys
+from storage.rollups import register_keys
 
 logger = logging.getLogger(__name__)
 
 MAINTENANCE_INTERVAL = 900.0  # seconds between runs; partitions are made well ahead
 RETRY_INTERVAL = 10.0  # seconds before a failed run is tried again
 RUN_TIMEOUT = 120.0  # seconds one run may take (moving strays out of the default partition)
-MERGE_INTERVAL = 60.0  # seconds between merges of the per-user count rows
-MERGE_LAG = datetime.timedelta(minutes=1)  # a minute is merged once it has been over this long
-MERGE_REACH = datetime.timedelta(minutes=10)  # how far back a worker's first merge looks
-MERGE_LOCK_KEY = 0x4D455247  # "MERG": one worker merges at a time, the others skip their turn
 
 
 class Maintenance:
@@ -48,9 +40,6 @@ class Maintenance:
         self.metadata_index = metadata_index
         self._schema_ready = False
         self._failing = False
-        self._merge_failing = False
-        self._error: Exception | None = None  # the last step's failure, for its log line
-        self._merged_until: datetime.datetime | None = None
         self._greenlet: gevent.Greenlet | None = None
         # Set once the first run has ended, done or failed: the flusher waits for it, so
         # that a fresh database gets this month's partition before its first rows (they
@@ -86,53 +75,22 @@ class Maintenance:
             logger.info("counting events per value of metadata keys %s", done["keys_added"])
         return done
 
-    def merge_once(self, now: datetime.datetime) -> int | None:
-        """Merge the per-user count rows of the minutes closed since the last merge; return
-        the rows merged into, or None when another worker was merging."""
-        until = now.replace(second=0, microsecond=0) - MERGE_LAG
-        since = self._merged_until or until - MERGE_REACH
-        if since >= until:
-            return 0
-        conn = self._connect()
-        try:
-            with conn.cursor() as cur:
-                cur.execute("SELECT pg_try_advisory_xact_lock(%s)", (MERGE_LOCK_KEY,))
-                mine = cur.fetchone()[0]
-            merged = merge_user_minutes(conn, since, until) if mine else None
-            conn.commit()
-        finally:
-            conn.close()
-        self._merged_until = until
-        return merged
-
     def _run(self) -> None:
-        next_run = 0.0  # monotonic time of the next full run
         while True:
-            if time.monotonic() >= next_run:
-                done = self._bounded(self.run_once)
-                self.first_run_done.set()
-                if done and self._failing:
-                    logger.info("maintenance of partitions and rollup keys done again")
-                elif not done and not self._failing:
+            try:
+                deadline = OperationTimedOut(f"no end in {RUN_TIMEOUT:g} s")
+                with gevent.Timeout(RUN_TIMEOUT, deadline):
+                    self.run_once(datetime.datetime.now(datetime.timezone.utc))
+            except Exception as ex:
+                if not self._failing:
                     logger.warning("maintenance of partitions and rollup keys failed, "
-                                   "retrying every %g s: %s", RETRY_INTERVAL, self._error)
-                self._failing = not done
-                next_run = time.monotonic() + (MAINTENANCE_INTERVAL if done else RETRY_INTERVAL)
-            elif not self._failing:
-                done = self._bounded(self.merge_once)
-                if not done and not self._merge_failing:
-                    logger.warning("merging the per-user counts failed, retrying every "
-                                   "%g s: %s", MERGE_INTERVAL, self._error)
-                self._merge_failing = not done
-            gevent.sleep(max(0.0, min(MERGE_INTERVAL, next_run - time.monotonic())))
-
-    def _bounded(self, step: Callable[[datetime.datetime], object]) -> bool:
-        """Run one step within RUN_TIMEOUT; tell whether it ended without an error."""
-        try:
-            deadline = OperationTimedOut(f"no end in {RUN_TIMEOUT:g} s")
-            with gevent.Timeout(RUN_TIMEOUT, deadline):
-                step(datetime.datetime.now(datetime.timezone.utc))
-        except Exception as ex:
-            self._error = ex
-            return False
-        return True
+                                   "retrying every %g s: %s", RETRY_INTERVAL, ex)
+                self._failing = True
+                self.first_run_done.set()
+                gevent.sleep(RETRY_INTERVAL)
+                continue
+            self.first_run_done.set()
+            if self._failing:
+                logger.info("maintenance of partitions and rollup keys done again")
+            self._failing = False
+            gevent.sleep(MAINTENANCE_INTERVAL)

@@ -46,11 +46,7 @@ SETTINGS = (
             "libpq URI that GET /events and /counts read from, e.g. a streaming standby "
             "(it may lag behind: a stored event can be missing for a moment); empty: "
             "DATABASE_URL"),
-    # 5,000 rather than 1,000: while a backlog drains (after an outage, or under batch
-    # clients) the fixed cost of each INSERT (its plan, the counting, the commit's WAL
-    # flush) is spread over 5 times the rows: 1.23x the committed events/s of batch-500 in
-    # `make bench`. Below ~25,000 events/s per worker the flush interval ends a batch first.
-    Setting("batch_size", "COLLECTOR_BATCH_SIZE", "int", 5000,
+    Setting("batch_size", "COLLECTOR_BATCH_SIZE", "int", 1000,
             "most events the flusher writes in one INSERT", minimum=1),
     Setting("flush_interval", "COLLECTOR_FLUSH_INTERVAL", "float", 0.2,
             "seconds the flusher waits for a batch to fill before writing what it has",

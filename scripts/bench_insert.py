@@ -6,8 +6,8 @@
 It DROPS the Firehose tables of that database first (--reset is required), applies the
 schema of the code on PYTHONPATH, and writes batches of events stamped around now
 (so into the current partition), from 100,000 users, with a small metadata object.
-Options change the schema to show what each part costs: --without-gin (no metadata
-index, as COLLECTOR_METADATA_INDEX=off), --rollup-keys (values counted per key).
+Options take parts of the schema away to show what each costs:
+--without-trigger (no rollups), --without-gin (no metadata index), --rollup-keys.
 """
 
 import argparse
@@ -47,16 +47,20 @@ def make_batch(now: float) -> list[tuple]:
     return rows
 
 
-def prepare(dsn: str, without_gin: bool, keys: list[str]) -> None:
+def prepare(dsn: str, without_trigger: bool, without_gin: bool, keys: list[str]) -> None:
     """Drop the tables, apply the schema, make this month's partition, take parts away."""
     conn = psycopg2.connect(dsn)
     with conn.cursor() as cur:
         cur.execute("DROP TABLE IF EXISTS " + ", ".join(TABLES) + " CASCADE")
     conn.commit()
-    database.ensure_schema(conn, metadata_index=not without_gin)
+    database.ensure_schema(conn)
     if partitions is not None:
         partitions.ensure_partitions(conn, datetime.datetime.now(datetime.timezone.utc), "month")
     with conn.cursor() as cur:
+        if without_trigger:
+            cur.execute("ALTER TABLE events DISABLE TRIGGER USER")
+        if without_gin:
+            cur.execute("DROP INDEX IF EXISTS events_metadata_idx")
         if keys:
             cur.execute("INSERT INTO rollup_keys (key) SELECT unnest(%s::text[])", (keys,))
     conn.commit()
@@ -88,6 +92,7 @@ def main() -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reset", action="store_true", help="required: drop the tables first")
     parser.add_argument("--batches", type=int, default=200)
+    parser.add_argument("--without-trigger", action="store_true")
     parser.add_argument("--without-gin", action="store_true")
     parser.add_argument("--rollup-keys", default="", help="comma-separated metadata keys")
     parser.add_argument("--method", choices=INSERT_METHODS + ("both",), default="both",
@@ -106,7 +111,7 @@ def main() -> int:
     methods = INSERT_METHODS if args.method == "both" else (args.method,)
     for _ in range(args.rounds):
         for method in methods:
-            prepare(dsn, args.without_gin, keys)
+            prepare(dsn, args.without_trigger, args.without_gin, keys)
             measure(dsn, method, batches)
     return 0
 

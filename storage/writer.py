@@ -36,7 +36,6 @@ import psycopg2.extras
 
 from storage.database import ensure_schema
 from storage.errors import WriteFailure, classify_error
-from storage.rollups import counted_insert
 
 logger = logging.getLogger(__name__)
 _ENCODER = msgspec.json.Encoder()
@@ -45,14 +44,11 @@ INSERT_COLUMNS = 'INSERT INTO events (event_id, user_id, "timestamp", metadata, 
 UNPACKED = "e.i, e.u, e.t, e.m, to_timestamp(e.r)"
 RECORD = "e(i uuid, u bigint, t timestamptz, m jsonb, r float8)"
 ON_CONFLICT = ' ON CONFLICT ("timestamp", event_id, user_id) DO NOTHING'
-# Each INSERT counts what it stores into the rollups in the same statement
-# (storage/rollups.py), and answers the number of events stored.
-INSERT_JSON_RECORDSET = counted_insert(f"{INSERT_COLUMNS}SELECT {UNPACKED} "
-                                       f"FROM jsonb_to_recordset(%s::jsonb) AS {RECORD}"
-                                       f"{ON_CONFLICT}")
-INSERT_EXECUTE_VALUES = counted_insert(f"{INSERT_COLUMNS}SELECT {UNPACKED} "
-                                       f"FROM (VALUES %s) AS v(j), "
-                                       f"jsonb_to_record(v.j::jsonb) AS {RECORD}{ON_CONFLICT}")
+INSERT_JSON_RECORDSET = (f"{INSERT_COLUMNS}SELECT {UNPACKED} "
+                         f"FROM jsonb_to_recordset(%s::jsonb) AS {RECORD}{ON_CONFLICT}")
+INSERT_EXECUTE_VALUES = (f"{INSERT_COLUMNS}SELECT {UNPACKED} "
+                         f"FROM (VALUES %s) AS v(j), jsonb_to_record(v.j::jsonb) AS {RECORD}"
+                         f"{ON_CONFLICT}")
 INSERT_METHODS = ("execute_values", "json_recordset")
 # An event refused again (a client's retry, a spool replay, `firehose dead-letters retry`)
 # keeps its first payload and gets the latest reason and time.
@@ -165,7 +161,7 @@ class BatchWriter:
         ordered = sorted(rows, key=_event_id)
         with self._bound(), conn.cursor() as cur:
             self._insert_batch(cur, ordered)
-            inserted = sum(row[0] for row in cur.fetchall())
+            inserted = cur.rowcount
         return inserted
 
     def _recover(self, ex: BaseException) -> WriteFailure:

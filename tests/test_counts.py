@@ -33,8 +33,7 @@ TRUTHS = [
     ("totals", "SELECT unit, bucket, n FROM event_counts",
      f"SELECT u.unit, date_trunc(u.unit, \"timestamp\", 'UTC'), count(*) FROM events "
      f"CROSS JOIN {UNITS} GROUP BY 1, 2"),
-    # Appended rows: a (user, minute) may have several, whose sum is its count.
-    ("per user", "SELECT user_id, bucket, sum(n) FROM event_counts_by_user GROUP BY 1, 2",
+    ("per user", "SELECT user_id, bucket, n FROM event_counts_by_user",
      "SELECT user_id, date_trunc('minute', \"timestamp\", 'UTC'), count(*) FROM events "
      "GROUP BY 1, 2"),
     ("per key", "SELECT key, unit, bucket, value, n FROM event_counts_by_key",
