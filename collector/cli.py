@@ -199,7 +199,8 @@ def _check_database(report: Report, settings: Settings) -> None:
         missing = probe.missing_tables(conn)
         if missing:
             try:
-                database.ensure_schema(conn, settings.metadata_index == "on")
+                database.ensure_schema(conn)
+                database.ensure_metadata_index(conn, settings.wants_metadata_index)
             except psycopg2.Error as ex:
                 report.fail("schema", f"missing ({', '.join(missing)}) and not creatable: "
                                       f"{_first_line(ex)}")
@@ -558,7 +559,7 @@ def run_partitions(args: argparse.Namespace) -> int:
             functools.partial(connect, settings, autocommit=False,
                               statement_timeout=MAINTENANCE_STATEMENT_TIMEOUT),
             settings.rollup_keys, settings.partition_interval, settings.retention_days,
-            metadata_index=settings.metadata_index == "on")
+            metadata_index=settings.wants_metadata_index)
         try:
             done = maintenance.run_once(datetime.datetime.now(datetime.timezone.utc))
         except psycopg2.Error as ex:
@@ -622,8 +623,7 @@ def opened(settings: Settings) -> Iterator[psycopg2.extensions.connection]:
 
 def _writer(settings: Settings) -> BatchWriter:
     return BatchWriter(functools.partial(connect, settings),
-                       insert_method=settings.insert_method,
-                       metadata_index=settings.metadata_index == "on")
+                       insert_method=settings.insert_method)
 
 
 def _settings(require_database: bool = True) -> Settings:

@@ -16,7 +16,7 @@ import gevent.event
 import psycopg2.extensions
 
 from storage import partitions
-from storage.database import ensure_schema
+from storage.database import ensure_metadata_index, ensure_schema
 from storage.errors import OperationTimedOut
 from storage.rollups import register_keys
 
@@ -60,7 +60,8 @@ class Maintenance:
         conn = self._connect()
         try:
             if not self._schema_ready:
-                ensure_schema(conn, self.metadata_index)  # the flusher may not have made the tables yet
+                ensure_schema(conn)  # the flusher may not have made the tables yet
+                ensure_metadata_index(conn, self.metadata_index)
                 self._schema_ready = True
             done = {"keys_added": register_keys(conn, self.rollup_keys),
                     "partitions_created": partitions.ensure_partitions(

@@ -54,14 +54,13 @@ class Pipeline:
         connect = functools.partial(database.connect, settings.database_url,
                                     settings.statement_timeout, settings.lock_timeout)
         self.writer = BatchWriter(connect, bound=self.watchdog.operation,
-                                  insert_method=settings.insert_method,
-                                  metadata_index=settings.metadata_index == "on")
+                                  insert_method=settings.insert_method)
         self.maintenance = Maintenance(
             functools.partial(database.connect, settings.database_url,
                               MAINTENANCE_STATEMENT_TIMEOUT, settings.lock_timeout,
                               application_name="firehose-maintenance", autocommit=False),
             settings.rollup_keys, settings.partition_interval, settings.retention_days,
-            metadata_index=settings.metadata_index == "on")
+            metadata_index=settings.wants_metadata_index)
         self.flusher = Flusher(self.queue, self.writer, Backoff(settings.retry_max_delay),
                                self.watchdog, self.stats, settings.spool_dir,
                                str(self.spool.directory), settings.batch_size,

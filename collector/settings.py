@@ -243,6 +243,11 @@ class Settings:
                                 "also write keys (COLLECTOR_API_KEYS)")
         return cls(**values)
 
+    @property
+    def wants_metadata_index(self) -> bool:
+        """Tell whether COLLECTOR_METADATA_INDEX asks for the metadata index."""
+        return self.metadata_index == "on"
+
     def __repr__(self) -> str:
         shown = []
         for field in dataclasses.fields(self):

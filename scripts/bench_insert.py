@@ -54,6 +54,8 @@ def prepare(dsn: str, without_trigger: bool, without_gin: bool, keys: list[str])
         cur.execute("DROP TABLE IF EXISTS " + ", ".join(TABLES) + " CASCADE")
     conn.commit()
     database.ensure_schema(conn)
+    if hasattr(database, "ensure_metadata_index"):  # the code since the index is a setting
+        database.ensure_metadata_index(conn, True)
     if partitions is not None:
         partitions.ensure_partitions(conn, datetime.datetime.now(datetime.timezone.utc), "month")
     with conn.cursor() as cur:

@@ -168,7 +168,9 @@ def _taken_as_is(host: str) -> bool:
 # INSERT's costliest index (docs/performance.md), so a deployment that never filters by
 # metadata can go without it (COLLECTOR_METADATA_INDEX=off). Both changes lock events
 # while they run: building the index on a big table holds up the inserts (the spool
-# takes the events meanwhile) for as long as the build takes.
+# takes the events meanwhile) for as long as the build takes. So only the maintenance
+# greenlet makes them, under its own statement timeout, never the flusher, whose
+# timeout is meant for one INSERT.
 CREATE_METADATA_INDEX = """
 DO $$
 BEGIN
@@ -185,16 +187,22 @@ BEGIN
 END $$;"""
 
 
-def ensure_schema(conn: psycopg2.extensions.connection, metadata_index: bool = True) -> None:
+def ensure_schema(conn: psycopg2.extensions.connection) -> None:
     """Create the tables and indexes if missing; safe to run from many workers at once.
 
-    With `metadata_index` false the metadata index is dropped if present, instead.
     One query string is one transaction, so the advisory lock is held until the end.
     """
-    schema = SCHEMA_PATH.read_text() + (CREATE_METADATA_INDEX if metadata_index
-                                        else DROP_METADATA_INDEX)
+    _under_schema_lock(conn, SCHEMA_PATH.read_text())
+
+
+def ensure_metadata_index(conn: psycopg2.extensions.connection, wanted: bool) -> None:
+    """Create the metadata index if `wanted` and missing, or drop it if not wanted."""
+    _under_schema_lock(conn, CREATE_METADATA_INDEX if wanted else DROP_METADATA_INDEX)
+
+
+def _under_schema_lock(conn: psycopg2.extensions.connection, statements: str) -> None:
     with conn.cursor() as cur:
-        cur.execute("SELECT pg_advisory_xact_lock(%s);\n" + schema.replace("%", "%%"),
+        cur.execute("SELECT pg_advisory_xact_lock(%s);\n" + statements.replace("%", "%%"),
                     (SCHEMA_LOCK_KEY,))
     if not conn.autocommit:
         conn.commit()

@@ -94,14 +94,13 @@ class BatchWriter:
 
     def __init__(self, connect: Callable[[], psycopg2.extensions.connection],
                  bound: Callable[[], ContextManager] = contextlib.nullcontext,
-                 insert_method: str = "json_recordset", metadata_index: bool = True) -> None:
+                 insert_method: str = "json_recordset") -> None:
         if insert_method not in INSERT_METHODS:
             raise ValueError(f"insert method {insert_method!r}: expected one of "
                              f"{', '.join(INSERT_METHODS)}")
         self._insert_batch = (_insert_values if insert_method == "execute_values"
                               else _insert_recordset)
         self._connect = connect
-        self._metadata_index = metadata_index  # COLLECTOR_METADATA_INDEX
         self._bound = bound  # a deadline around each round trip to PostgreSQL
         self._conn: psycopg2.extensions.connection | None = None
         self._schema_ready = False
@@ -148,7 +147,7 @@ class BatchWriter:
         if not self._schema_ready:
             try:
                 with self._bound():
-                    ensure_schema(self._conn, self._metadata_index)
+                    ensure_schema(self._conn)
             except Exception as ex:
                 raise WriteDeferred(self._recover(ex), ex) from ex
             self._schema_ready = True
