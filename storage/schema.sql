@@ -97,29 +97,39 @@ CREATE TABLE IF NOT EXISTS event_counts_by_key (
 
 -- jit off: the planner cannot size the transition table and guesses millions of rows,
 -- so it would JIT-compile these statements for every batch (measured: 150 ms of 180).
+-- Buckets are date_bin()s from 2000-01-01 UTC: the UTC minute, hour and day by integer
+-- arithmetic (date_trunc with a time zone converts through the zone for every row, three
+-- times per event here); totals are summed to minutes first, then minutes to hours and days.
 CREATE OR REPLACE FUNCTION firehose_count_events() RETURNS trigger
 LANGUAGE plpgsql SET jit = off AS $$
 BEGIN
     INSERT INTO event_counts AS c (unit, bucket, n)
-    SELECT u.unit, date_trunc(u.unit, e."timestamp", 'UTC'), count(*)
-    FROM new_events e CROSS JOIN (VALUES ('minute'), ('hour'), ('day')) AS u (unit)
+    SELECT u.unit, date_bin(u.width, m.minute, timestamptz '2000-01-01 00:00:00+00'),
+           sum(m.n)::bigint
+    FROM (SELECT date_bin('1 minute', e."timestamp", timestamptz '2000-01-01 00:00:00+00')
+                     AS minute, count(*) AS n
+          FROM new_events e GROUP BY 1) AS m
+    CROSS JOIN (VALUES ('minute', interval '1 minute'), ('hour', interval '1 hour'),
+                       ('day', interval '1 day')) AS u (unit, width)
     GROUP BY 1, 2
     ORDER BY 1, 2
     ON CONFLICT (unit, bucket) DO UPDATE SET n = c.n + EXCLUDED.n;
 
     INSERT INTO event_counts_by_user AS c (user_id, bucket, n)
-    SELECT e.user_id, date_trunc('minute', e."timestamp", 'UTC'), count(*)
+    SELECT e.user_id, date_bin('1 minute', e."timestamp", timestamptz '2000-01-01 00:00:00+00'),
+           count(*)
     FROM new_events e
     GROUP BY 1, 2
     ORDER BY 1, 2
     ON CONFLICT (user_id, bucket) DO UPDATE SET n = c.n + EXCLUDED.n;
 
     INSERT INTO event_counts_by_key AS c (key, unit, bucket, value, n)
-    SELECT k.key, u.unit, date_trunc(u.unit, e."timestamp", 'UTC'),
+    SELECT k.key, u.unit, date_bin(u.width, e."timestamp", timestamptz '2000-01-01 00:00:00+00'),
            left(e.metadata ->> k.key, 200), count(*)
     FROM new_events e
     JOIN rollup_keys k ON e.metadata ->> k.key IS NOT NULL
-    CROSS JOIN (VALUES ('minute'), ('hour'), ('day')) AS u (unit)
+    CROSS JOIN (VALUES ('minute', interval '1 minute'), ('hour', interval '1 hour'),
+                       ('day', interval '1 day')) AS u (unit, width)
     GROUP BY 1, 2, 3, 4
     ORDER BY 1, 2, 3, 4
     ON CONFLICT (key, unit, bucket, value) DO UPDATE SET n = c.n + EXCLUDED.n;
