@@ -1,6 +1,6 @@
 """gunicorn's gevent worker, adjusted for many fast keep-alive connections.
 
-Four changes, each measured with `make bench` (docs/performance.md):
+Five changes, each measured with `make bench` (docs/performance.md):
 
 - Connections take turns. A greenlet yields only when a socket would block. A fast
   client (loopback, nginx's keep-alive pool) often has its next request in the socket
@@ -8,8 +8,11 @@ Four changes, each measured with `make bench` (docs/performance.md):
   while the others waited: p50 under 1 ms beside p99 near a second. A
   request that arrives without the loop having turned since its connection's last
   answer now waits one turn; one that had to wait for its bytes has had its turn.
-  (At 1,000 connections a turn serves each of a worker's ~500 connections once and
-  lasts 130-165 ms; a request arriving just after a turn began waits nearly two.)
+- Connections keep their place in the turn (AnswerOrder). At 1,000 connections a
+  turn serves each of a worker's ~500 connections once and lasts 130-170 ms; libev
+  ran each turn's requests in an order that changed from turn to turn, so a request
+  waited from nothing to two turns (p99 twice p50). They now go in the order their
+  connections were last answered, and each waits one turn.
 - New connections are accepted many at a time. gunicorn's worker accepts one per turn
   when there are several workers, so that workers sharing one listening socket share
   its connections. With `reuse_port` each worker listens on a socket of its own, and
@@ -28,6 +31,7 @@ it imports nothing but gevent and gunicorn, as gunicorn's own gevent worker does
 import time
 
 import gevent
+from gevent.hub import Waiter
 from gevent.server import StreamServer
 from gunicorn import util as gunicorn_util
 from gunicorn.workers import ggevent
@@ -72,6 +76,36 @@ class CoalescingSocket:
         return getattr(self._sock, name)
 
 
+class AnswerOrder:
+    """Lets the requests woken in one turn of the loop go oldest-answered connection first.
+
+    libev runs one turn's callbacks last-ready first (ev_invoke_pending takes its pending
+    array from the end), and the order in which requests become ready follows the
+    client's own scheduling, so a connection's place changed from turn to turn: served
+    early in one turn and late in the next, a request waited between nothing and two
+    turns, and p99 was twice the median. Here each request woken in a turn waits for
+    the turn's end, and they go on in the order their connections were last answered:
+    every connection keeps its place, and each request waits one turn.
+    """
+
+    def __init__(self) -> None:
+        self._waiting: list[tuple[float, int, Waiter]] = []
+
+    def wait(self, answered_at: float) -> None:
+        """Wait for the end of this turn and for the connections answered before this one."""
+        waiter = Waiter()
+        if not self._waiting:
+            gevent.get_hub().loop.run_callback(self._release)
+        self._waiting.append((answered_at, id(waiter), waiter))
+        waiter.get()
+
+    def _release(self) -> None:
+        waiting, self._waiting = self._waiting, []
+        waiting.sort()
+        for _, _, waiter in waiting:
+            waiter.switch(None)  # runs the request until it waits again, then returns here
+
+
 class OwnSocketServer(StreamServer):
     """gevent's server for a listening socket that only this worker accepts from."""
 
@@ -105,7 +139,9 @@ class FirehoseWorker(GeventWorker):
     """gunicorn's gevent worker: connections take turns, many accepts, one write each."""
 
     def init_process(self) -> None:
-        self._answered_in = {}  # connection -> the loop turn its last answer was sent in
+        # connection -> (the loop turn its last answer was sent in, time.monotonic() then)
+        self._last_answer = {}
+        self._answer_order = AnswerOrder()
         # gunicorn's Response calls util.http_date() for every Date header (gunicorn 27);
         # this process is the worker alone, so the change stays in it.
         gunicorn_util.http_date = DateHeader(gunicorn_util.http_date)
@@ -124,13 +160,15 @@ class FirehoseWorker(GeventWorker):
         try:
             super().handle(listener, client, addr)
         finally:
-            self._answered_in.pop(client, None)
+            self._last_answer.pop(client, None)
 
     def handle_request(self, listener_name, req, sock, addr):
         """Serve one request in its turn, its head and body in one write."""
         loop = gevent.get_hub().loop
-        if self._answered_in.get(sock) == _turn(loop):
+        turn, answered_at = self._last_answer.get(sock, (None, 0.0))
+        if turn == _turn(loop):
             gevent.sleep(TURN)
+        self._answer_order.wait(answered_at)
         coalescing = CoalescingSocket(sock)
         try:
             return super().handle_request(listener_name, req, coalescing, addr)
@@ -138,7 +176,7 @@ class FirehoseWorker(GeventWorker):
             try:
                 coalescing.flush()
             finally:
-                self._answered_in[sock] = _turn(loop)
+                self._last_answer[sock] = (_turn(loop), time.monotonic())
 
 
 def _turn(loop) -> int | None:
