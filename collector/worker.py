@@ -1,6 +1,6 @@
 """gunicorn's gevent worker, adjusted for many fast keep-alive connections.
 
-Five changes, each measured with `make bench` (docs/performance.md):
+Six changes, each measured with `make bench` (docs/performance.md):
 
 - Connections take turns. A greenlet yields only when a socket would block. A fast
   client (loopback, nginx's keep-alive pool) often has its next request in the socket
@@ -22,6 +22,8 @@ Five changes, each measured with `make bench` (docs/performance.md):
   `sendall`s, each a syscall and a wakeup of the reader.
 - The Date header is formatted once a second, not per response (email.utils took 3-4%
   of a worker's CPU at 6k requests/s).
+- Each setting is read from gunicorn's Config once (SettledConfig), not a dozen times
+  per request through its `__getattr__`.
 
 The master imports this module to find the worker class, before gevent's patching:
 it imports nothing but gevent and gunicorn, as gunicorn's own gevent worker does
@@ -106,6 +108,23 @@ class AnswerOrder:
             waiter.switch(None)  # runs the request until it waits again, then returns here
 
 
+class SettledConfig:
+    """gunicorn's Config as one worker sees it: each setting read once, then kept.
+
+    Parsing a request and writing its response read a dozen settings, each through
+    Config.__getattr__ and the setting's get() (3% of a worker's CPU at 6k requests/s).
+    A worker's settings never change (a reload starts new workers).
+    """
+
+    def __init__(self, cfg) -> None:
+        self.__dict__["_cfg"] = cfg
+
+    def __getattr__(self, name):
+        value = getattr(self._cfg, name)
+        self.__dict__[name] = value
+        return value
+
+
 class OwnSocketServer(StreamServer):
     """gevent's server for a listening socket that only this worker accepts from."""
 
@@ -139,6 +158,7 @@ class FirehoseWorker(GeventWorker):
     """gunicorn's gevent worker: connections take turns, many accepts, one write each."""
 
     def init_process(self) -> None:
+        self.cfg = SettledConfig(self.cfg)
         # connection -> (the loop turn its last answer was sent in, time.monotonic() then)
         self._last_answer = {}
         self._answer_order = AnswerOrder()
