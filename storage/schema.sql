@@ -102,12 +102,12 @@ CREATE TABLE IF NOT EXISTS event_counts_by_key (
 -- times per event here); totals are summed to minutes first, then minutes to hours and days.
 CREATE OR REPLACE FUNCTION firehose_count_events() RETURNS trigger
 LANGUAGE plpgsql SET jit = off AS $$
+DECLARE
+    origin CONSTANT timestamptz := '2000-01-01 00:00:00+00';
 BEGIN
     INSERT INTO event_counts AS c (unit, bucket, n)
-    SELECT u.unit, date_bin(u.width, m.minute, timestamptz '2000-01-01 00:00:00+00'),
-           sum(m.n)::bigint
-    FROM (SELECT date_bin('1 minute', e."timestamp", timestamptz '2000-01-01 00:00:00+00')
-                     AS minute, count(*) AS n
+    SELECT u.unit, date_bin(u.width, m.minute, origin), sum(m.n)::bigint
+    FROM (SELECT date_bin('1 minute', e."timestamp", origin) AS minute, count(*) AS n
           FROM new_events e GROUP BY 1) AS m
     CROSS JOIN (VALUES ('minute', interval '1 minute'), ('hour', interval '1 hour'),
                        ('day', interval '1 day')) AS u (unit, width)
@@ -116,15 +116,14 @@ BEGIN
     ON CONFLICT (unit, bucket) DO UPDATE SET n = c.n + EXCLUDED.n;
 
     INSERT INTO event_counts_by_user AS c (user_id, bucket, n)
-    SELECT e.user_id, date_bin('1 minute', e."timestamp", timestamptz '2000-01-01 00:00:00+00'),
-           count(*)
+    SELECT e.user_id, date_bin('1 minute', e."timestamp", origin), count(*)
     FROM new_events e
     GROUP BY 1, 2
     ORDER BY 1, 2
     ON CONFLICT (user_id, bucket) DO UPDATE SET n = c.n + EXCLUDED.n;
 
     INSERT INTO event_counts_by_key AS c (key, unit, bucket, value, n)
-    SELECT k.key, u.unit, date_bin(u.width, e."timestamp", timestamptz '2000-01-01 00:00:00+00'),
+    SELECT k.key, u.unit, date_bin(u.width, e."timestamp", origin),
            left(e.metadata ->> k.key, 200), count(*)
     FROM new_events e
     JOIN rollup_keys k ON e.metadata ->> k.key IS NOT NULL

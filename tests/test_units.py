@@ -1,8 +1,10 @@
 """Pieces with no server: settings, backoff schedule, spool records, validation's prefilter,
-the worker's coalesced writes and Date header."""
+the worker's coalesced writes, Date header, turn order and settings."""
 
 import random
 
+import gevent
+import gunicorn.config
 import msgspec
 import pytest
 
@@ -173,3 +175,27 @@ def test_the_date_header_is_formatted_once_a_second():
     assert len(calls) <= 2 and len(set(dates)) == len(calls)
     assert isinstance(calls[0], int)
     assert date(0) == "date 0"  # an explicit time is formatted as asked
+
+
+def test_requests_woken_in_one_turn_go_oldest_answered_first():
+    order = worker.AnswerOrder()
+    answered_at = [5.0, 1.0, 4.0, 0.0, 3.0, 2.0]  # woken in this order, within one turn
+    released = []
+
+    def request(when):
+        order.wait(when)
+        released.append(when)
+
+    greenlets = [gevent.spawn(request, when) for when in answered_at]
+    gevent.joinall(greenlets, timeout=5, raise_error=True)
+    assert released == sorted(answered_at)
+
+
+def test_a_settled_config_reads_each_setting_once():
+    cfg = gunicorn.config.Config()
+    cfg.set("keepalive", 7)
+    settled = worker.SettledConfig(cfg)
+    assert settled.keepalive == 7 and settled.forwarded_allow_ips == cfg.forwarded_allow_ips
+    cfg.set("keepalive", 9)  # a worker's settings never change; were they read again, 9
+    assert settled.keepalive == 7
+    assert settled.forwarded_allow_networks() == cfg.forwarded_allow_networks()
